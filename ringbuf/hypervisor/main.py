@@ -1,0 +1,52 @@
+"""``uxen-hypervisor --socket PATH``: run the hypervisor service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from .service import HypervisorService, ServiceLimits
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uxen-hypervisor", description=__doc__)
+    parser.add_argument("--socket", required=True, help="unix socket path (dom0 connects here)")
+    parser.add_argument("--dom0-pages", type=int, default=ServiceLimits.dom0_pages,
+                        help="dom0 memory in 4 KiB pages")
+    parser.add_argument("--grant-frames", type=int, default=ServiceLimits.dom0_grant_frames,
+                        help="dom0 grant-table frames")
+    parser.add_argument("--ready-fd", type=int, default=None,
+                        help="write one byte to this fd (then close it) once listening")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    limits = ServiceLimits(dom0_pages=args.dom0_pages, dom0_grant_frames=args.grant_frames)
+    service = HypervisorService(limits)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.serve, args.socket)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"1")
+            os.close(args.ready_fd)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="uxen-hypervisor: %(levelname)s %(message)s")
+    trio.run(_run, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
