@@ -1,0 +1,423 @@
+"""Persistence of the store: an append-only journal plus snapshots.
+
+No trio here: the daemon calls these methods from its event loop (appends,
+which are one ``write()`` each) or from a worker thread (``fsync``, writing a
+snapshot), and the tests drive them directly.
+
+State directory layout::
+
+    snapshot            the whole tree at some point (atomically replaced)
+    snapshot.tmp        a snapshot being written (ignored and removed at start)
+    journal.00000007    changes made after the snapshot, oldest file first
+
+Every file starts with an 8-byte magic and then holds *frames*::
+
+    u32 length (little-endian) | u32 CRC-32 of the body | body (msgpack)
+
+A journal frame's body is a msgpack array of the ``Change`` tuples that one
+read batch of one connection committed (``("set", path, value, perms)`` or
+``("rm", path)``).  The snapshot holds exactly one frame whose body is
+``{"journal": N, "changes": [...]}``: load the changes, then replay every
+journal file numbered N or higher, in order.  Because the number is written
+in the snapshot, a crash at any point of a compaction leaves a readable
+state: an old snapshot still names the older journals, and those are only
+deleted once the new snapshot is in place.
+
+A frame that is cut short or fails its CRC (a crash in the middle of a
+``write()``, or a damaged disk) ends the journal: it and anything after it
+are dropped, logged, and the file is truncated there (a damaged file is
+first copied aside as ``journal.N.corrupt``) so later appends stay readable.
+Nothing acknowledged can be in a torn frame, because a batch's replies are
+only sent after its frame has been written.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import msgpack
+
+__all__ = [
+    "FsyncPolicy",
+    "JournalError",
+    "Recovered",
+    "StateDir",
+    "encode_frame",
+    "decode_frames",
+    "JOURNAL_MAGIC",
+    "SNAPSHOT_MAGIC",
+]
+
+log = logging.getLogger("xenstored.journal")
+
+JOURNAL_MAGIC = b"UXSJRNL1"
+SNAPSHOT_MAGIC = b"UXSSNAP1"
+FRAME = struct.Struct("<II")
+#: A frame body larger than this is treated as corruption, not allocated.
+MAX_FRAME = 1 << 30
+
+Change = tuple  # ("set", path, value, perms) | ("rm", path)
+
+_JOURNAL_NAME = re.compile(r"^journal\.(\d{8})$")
+
+
+class FsyncPolicy(enum.Enum):
+    """What an acknowledged write survives.
+
+    ``PROCESS``: the journal frame is handed to the kernel (``write()``)
+    before the reply is sent, so a crash or ``kill -9`` of the daemon loses
+    nothing; a power failure may lose the last moments.  ``POWER``: the
+    journal is also ``fdatasync``-ed before the reply is sent (one sync
+    covers every connection's pending replies: group commit).
+    """
+
+    PROCESS = "process"
+    POWER = "power"
+
+
+class JournalError(Exception):
+    """Persisting failed (disk full, I/O error) or the state is unreadable."""
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Length + CRC32 header followed by ``body``."""
+    return FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def decode_frames(data: bytes | memoryview, start: int = 0) -> tuple[list[tuple[int, bytes]], int, str | None]:
+    """Split ``data[start:]`` into ``(offset, body)`` frames.
+
+    Returns ``(frames, end, problem)``: ``end`` is the offset just after the
+    last good frame and ``problem`` says why decoding stopped early
+    (``None`` if the data ended exactly at a frame boundary).
+    """
+    frames: list[tuple[int, bytes]] = []
+    view = memoryview(data)
+    pos = start
+    total = len(view)
+    while pos < total:
+        if total - pos < FRAME.size:
+            return frames, pos, f"truncated frame header at offset {pos}"
+        length, crc = FRAME.unpack_from(view, pos)
+        if length > MAX_FRAME:
+            return frames, pos, f"impossible frame length {length} at offset {pos}"
+        body_start = pos + FRAME.size
+        if total - body_start < length:
+            return frames, pos, f"truncated frame at offset {pos} ({total - body_start} of {length} bytes)"
+        body = bytes(view[body_start : body_start + length])
+        if zlib.crc32(body) != crc:
+            return frames, pos, f"CRC mismatch in frame at offset {pos}"
+        frames.append((pos, body))
+        pos = body_start + length
+    return frames, pos, None
+
+
+def pack_changes(changes: Sequence[Change]) -> bytes:
+    return msgpack.packb(changes, use_bin_type=True)
+
+
+def unpack_changes(body: bytes) -> list[Change]:
+    """Inverse of :func:`pack_changes`; raises ``ValueError`` on garbage."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ValueError(f"undecodable record: {exc}") from None
+    if not isinstance(obj, list):
+        raise ValueError("record is not an array")
+    changes: list[Change] = []
+    for item in obj:
+        changes.append(_check_change(item))
+    return changes
+
+
+def _check_change(item: Any) -> Change:
+    if isinstance(item, list) and item:
+        if item[0] == "set" and len(item) == 4:
+            _, path, value, perms = item
+            if (
+                isinstance(path, str)
+                and isinstance(value, bytes)
+                and isinstance(perms, list)
+                and all(isinstance(p, str) for p in perms)
+            ):
+                return ("set", path, value, perms)
+        elif item[0] == "rm" and len(item) == 2 and isinstance(item[1], str):
+            return ("rm", item[1])
+    raise ValueError(f"malformed change {item!r:.80}")
+
+
+@dataclass
+class Recovered:
+    """What :meth:`StateDir.recover` found on disk."""
+
+    snapshot: list[Change] | None
+    batches: list[list[Change]] = field(default_factory=list)
+    #: Human-readable descriptions of dropped (torn/corrupt) data.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.snapshot is None and not self.batches
+
+
+class StateDir:
+    """The journal and snapshots of one state directory.
+
+    Typical life: ``recover()`` once, then ``open_journal()``, then
+    ``append()`` per batch (and ``sync()`` per group with
+    :attr:`FsyncPolicy.POWER`), with ``start_compaction()`` /
+    ``write_snapshot()`` / ``finish_compaction()`` when
+    ``wants_compaction`` says the journal has grown.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        policy: FsyncPolicy = FsyncPolicy.PROCESS,
+        compact_bytes: int = 16 << 20,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.policy = policy
+        self.compact_bytes = compact_bytes
+        self._fd: int | None = None
+        self._seq = 0  # number of the journal being appended to
+        self._journal_bytes = 0
+        self._snapshot_bytes = 0
+        #: Frames appended so far (monotonic; group commit compares it).
+        self.frames_written = 0
+
+    # -- startup --------------------------------------------------------
+
+    def recover(self, strict: bool = False) -> Recovered:
+        """Read the snapshot and the journals after it.
+
+        Torn or corrupt journal data is dropped, logged and reported in
+        ``Recovered.problems``; with ``strict`` it raises
+        :class:`JournalError` instead.  An unreadable snapshot always
+        raises: it cannot be partially trusted.
+        """
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.path, "snapshot.tmp")
+        if os.path.exists(tmp):
+            os.unlink(tmp)  # an interrupted compaction; the old snapshot rules
+        snapshot, first_seq = self._read_snapshot()
+        result = Recovered(snapshot=snapshot)
+        seqs = self._journal_seqs()
+        for seq in seqs:
+            if seq < first_seq:
+                os.unlink(self._journal_path(seq))  # already in the snapshot
+        seqs = [s for s in seqs if s >= first_seq]
+        for index, seq in enumerate(seqs):
+            problem = self._read_journal(seq, result, strict)
+            if problem is None:
+                continue
+            message = f"{self._journal_path(seq)}: {problem}; dropping it and everything after it"
+            if strict:
+                raise JournalError(message)
+            log.error("%s", message)
+            result.problems.append(message)
+            for later in seqs[index + 1 :]:
+                later_path = self._journal_path(later)
+                result.problems.append(f"{later_path}: dropped (follows damaged journal)")
+                os.replace(later_path, later_path + ".corrupt")
+            seqs = seqs[: index + 1]
+            break
+        self._seq = seqs[-1] if seqs else max(first_seq, 1)
+        return result
+
+    def _read_snapshot(self) -> tuple[list[Change] | None, int]:
+        path = os.path.join(self.path, "snapshot")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, 0
+        if not data.startswith(SNAPSHOT_MAGIC):
+            raise JournalError(f"{path}: not a snapshot file")
+        frames, end, problem = decode_frames(data, len(SNAPSHOT_MAGIC))
+        if problem or len(frames) != 1 or end != len(data):
+            raise JournalError(f"{path}: damaged snapshot ({problem or 'wrong frame count'})")
+        try:
+            obj = msgpack.unpackb(frames[0][1], raw=False)
+            first_seq = obj["journal"]
+            changes = [_check_change(c) for c in obj["changes"]]
+        except Exception as exc:
+            raise JournalError(f"{path}: damaged snapshot ({exc})") from None
+        if not isinstance(first_seq, int) or first_seq < 0:
+            raise JournalError(f"{path}: damaged snapshot (journal number)")
+        self._snapshot_bytes = len(data)
+        return changes, first_seq
+
+    def _read_journal(self, seq: int, result: Recovered, strict: bool) -> str | None:
+        """Append the journal's batches to ``result``.
+
+        On damage, returns the problem; unless ``strict``, the file is
+        truncated after its last good frame (a file with more than a torn
+        tail is first copied aside as ``.corrupt`` for inspection).
+        """
+        path = self._journal_path(seq)
+        with open(path, "rb") as f:
+            data = f.read()
+        magic = len(JOURNAL_MAGIC)
+        if not data.startswith(JOURNAL_MAGIC):
+            if JOURNAL_MAGIC.startswith(data):
+                problem, keep = None, 0  # crash between creating the file and writing its magic
+            else:
+                problem, keep = "bad magic", 0
+        else:
+            frames, keep, problem = decode_frames(data, magic)
+            for offset, body in frames:
+                try:
+                    result.batches.append(unpack_changes(body))
+                except ValueError as exc:
+                    problem, keep = f"{exc} at offset {offset} (valid CRC)", offset
+                    break
+        if keep == len(data) or strict:
+            return problem
+        torn_tail_only = problem is not None and problem.startswith("truncated")
+        if problem is not None and not torn_tail_only:
+            shutil.copyfile(path, path + ".corrupt")
+        with open(path, "r+b") as f:
+            if keep < magic:
+                f.seek(0)
+                f.write(JOURNAL_MAGIC)
+                keep = magic
+            f.truncate(keep)
+            os.fsync(f.fileno())
+        return problem
+
+    # -- appending -------------------------------------------------------
+
+    def open_journal(self) -> None:
+        """Open (or create) the current journal for appending."""
+        path = self._journal_path(self._seq)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            _write_all(fd, JOURNAL_MAGIC)
+            os.fsync(fd)
+            self._fsync_dir()
+            size = len(JOURNAL_MAGIC)
+        self._fd = fd
+        self._journal_bytes = size
+
+    def append(self, changes: Sequence[Change]) -> None:
+        """Write one frame holding ``changes`` (one ``write()`` call).
+
+        After this returns the data is in the kernel: it survives a crash of
+        this process.  Raises :class:`JournalError` if the write fails.
+        """
+        if self._fd is None:
+            raise RuntimeError("journal is not open")
+        frame = encode_frame(pack_changes(changes))
+        try:
+            _write_all(self._fd, frame)
+        except OSError as exc:
+            raise JournalError(f"journal write failed: {exc}") from exc
+        self._journal_bytes += len(frame)
+        self.frames_written += 1
+
+    def sync(self) -> None:
+        """``fdatasync`` the journal (may be called from a worker thread)."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            raise JournalError(f"journal sync failed: {exc}") from exc
+
+    @property
+    def current_journal(self) -> int:
+        """Number of the journal file appends go to."""
+        return self._seq
+
+    @property
+    def journal_bytes(self) -> int:
+        return self._journal_bytes
+
+    @property
+    def wants_compaction(self) -> bool:
+        """The journal outgrew both the threshold and twice the snapshot."""
+        return self._journal_bytes > max(self.compact_bytes, 2 * self._snapshot_bytes)
+
+    # -- compaction ------------------------------------------------------
+
+    def start_compaction(self) -> int:
+        """Switch appends to a fresh journal; returns its number.
+
+        The caller takes the store snapshot at this very moment (no change
+        may slip between the switch and the snapshot), then writes it with
+        :meth:`write_snapshot` (in a thread if it likes) and finally calls
+        :meth:`finish_compaction`.
+        """
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        self._seq += 1
+        self.open_journal()
+        return self._seq
+
+    def write_snapshot(self, changes: Iterable[Change], first_journal: int) -> int:
+        """Atomically replace the snapshot; returns its size in bytes."""
+        body = msgpack.packb({"journal": first_journal, "changes": list(changes)}, use_bin_type=True)
+        data = SNAPSHOT_MAGIC + encode_frame(body)
+        tmp = os.path.join(self.path, "snapshot.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.path, "snapshot"))
+        self._fsync_dir()
+        return len(data)
+
+    def finish_compaction(self, first_journal: int, snapshot_bytes: int) -> None:
+        """Delete the journals the new snapshot made obsolete."""
+        self._snapshot_bytes = snapshot_bytes
+        for seq in self._journal_seqs():
+            if seq < first_journal:
+                os.unlink(self._journal_path(seq))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    # -- helpers ---------------------------------------------------------
+
+    def _journal_path(self, seq: int) -> str:
+        return os.path.join(self.path, f"journal.{seq:08d}")
+
+    def _journal_seqs(self) -> list[int]:
+        seqs = []
+        for name in os.listdir(self.path):
+            m = _JOURNAL_NAME.match(name)
+            if m:
+                seqs.append(int(m.group(1)))
+        return sorted(seqs)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
