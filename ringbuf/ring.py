@@ -208,14 +208,24 @@ class _Producer:
 
     def push(self) -> bool:
         """RING_PUSH_*_AND_CHECK_NOTIFY: publish, return whether to notify the peer."""
-        old = self.published
-        new = self.pvt
+        old, new = self.publish()
         if old == new:
             return False
-        # Entries were stored before the index: x86 keeps store order.
-        self.shared.idx[self.prod_word] = new
-        self.published = new
         self.barrier()  # index visible before we read the peer's event index
+        return self.peer_wants_notify(old, new)
+
+    # push() in two steps, so tests can interleave the peer between them.
+    def publish(self) -> tuple[int, int]:
+        old = self.published
+        new = self.pvt
+        if old != new:
+            # Entries were stored before the index: x86 keeps store order.
+            self.shared.idx[self.prod_word] = new
+            self.published = new
+        return old, new
+
+    def peer_wants_notify(self, old: int, new: int) -> bool:
+        # Notify iff the peer's event index lies in (old, new].
         event = self.shared.idx[self.event_word]
         return ((new - event) & RING_IDX_MASK) < ((new - old) & RING_IDX_MASK)
 
@@ -282,9 +292,13 @@ class _Consumer:
         """RING_FINAL_CHECK_FOR_*: True if work is pending; else arm the event index."""
         if self.unconsumed():
             return True
-        self.shared.idx[self.event_word] = (self.cons + 1) & RING_IDX_MASK
+        self.arm()
         self.barrier()  # event index visible before we re-read the producer index
         return self.unconsumed() > 0
+
+    def arm(self) -> None:
+        """Ask to be notified when the next entry is published."""
+        self.shared.idx[self.event_word] = (self.cons + 1) & RING_IDX_MASK
 
 
 class FrontRing(Generic[Req, Rsp]):

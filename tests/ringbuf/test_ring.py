@@ -340,3 +340,98 @@ class RingMachine(RuleBasedStateMachine):
 
 TestRingMachine = RingMachine.TestCase
 TestRingMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+class HoldOffRaceMachine(RuleBasedStateMachine):
+    """The lost-wake-up race at the granularity where it lives.
+
+    Producer push = [store prod index] .. [read event index, decide notify];
+    consumer final check = [check] .. [arm event index] .. [re-check] .. sleep.
+    Hypothesis interleaves the two sides' sub-steps arbitrarily (the full
+    barriers make the shared memory sequentially consistent, which is what this
+    in-process model assumes). Invariant: a sleeping consumer without a pending
+    notification has nothing to consume.
+    """
+
+    @rule(start=NEAR_WRAP, entries=st.sampled_from([1, 2, 4]))
+    @precondition(lambda self: not hasattr(self, "front"))
+    def setup(self, start, entries):
+        buf = ring_buffer(entries)
+        self.front = MSG_RING.init_front(buf, start_index=start)
+        self.back = MSG_RING.attach_back(buf)
+        self.producer = self.front._requests
+        self.consumer = self.back._requests
+        self.publishing = None  # (old, new) between the two push steps
+        self.consumer_state = "awake"  # awake | armed | checked | asleep
+        self.notified = False
+        self.expected = deque()
+        self.seq = 0
+
+    def ready(self):
+        return hasattr(self, "front")
+
+    @precondition(lambda self: self.ready() and self.publishing is None)
+    @rule(n=st.integers(1, 4))
+    def put(self, n):
+        for _ in range(min(n, self.front.free_requests())):
+            self.front.put_request(Msg(self.seq))
+            self.expected.append(self.seq)
+            self.seq += 1
+
+    @precondition(lambda self: self.ready() and self.publishing is None)
+    @rule()
+    def publish(self):
+        self.publishing = self.producer.publish()
+
+    @precondition(lambda self: self.ready() and self.publishing is not None)
+    @rule()
+    def decide_notify(self):
+        old, new = self.publishing
+        self.publishing = None
+        if old != new and self.producer.peer_wants_notify(old, new):
+            self.notified = True
+
+    @precondition(lambda self: self.ready() and self.consumer_state == "awake")
+    @rule(max_count=st.integers(1, 4))
+    def consume_and_answer(self, max_count):
+        for r in self.back.take_requests(max_count):
+            assert r.seq == self.expected.popleft()
+            self.back.put_response(Ack(r.seq))
+        self.back.push_responses()
+        self.front.take_responses()
+
+    @precondition(lambda self: self.ready() and self.consumer_state == "awake")
+    @rule()
+    def check(self):
+        if self.consumer.unconsumed() == 0:
+            self.consumer_state = "checked"
+
+    @precondition(lambda self: self.ready() and self.consumer_state == "checked")
+    @rule()
+    def arm(self):
+        self.consumer.arm()
+        self.consumer_state = "armed"
+
+    @precondition(lambda self: self.ready() and self.consumer_state == "armed")
+    @rule()
+    def recheck_then_sleep(self):
+        if self.consumer.unconsumed():
+            self.consumer_state = "awake"
+        else:
+            self.consumer_state = "asleep"
+            self.notified = False  # only a notification sent from now on wakes us
+
+    @precondition(lambda self: self.ready() and self.consumer_state == "asleep" and self.notified)
+    @rule()
+    def wake(self):
+        self.consumer_state = "awake"
+        self.notified = False
+
+    @invariant()
+    def asleep_only_when_idle(self):
+        if self.ready() and self.consumer_state == "asleep" and not self.notified and self.publishing is None:
+            assert self.consumer.unconsumed() == 0, "consumer sleeps while requests are pending"
+
+
+TestHoldOffRace = HoldOffRaceMachine.TestCase
+TestHoldOffRace.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
