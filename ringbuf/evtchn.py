@@ -203,7 +203,7 @@ class EventChannel:
         self._check_open()
         if self._masked:
             return False
-        if self._pending or self._drain():
+        if self._drain() or self._pending:
             self._pending = False
             return True
         return False
@@ -224,7 +224,9 @@ class EventChannel:
                 await self._unmasked.park()
                 slept = True
                 continue
-            if self._pending or self._drain():
+            # Drain first: the latch and the eventfd counter together are the
+            # pending bit, and both must be cleared.
+            if self._drain() or self._pending:
                 self._pending = False
                 if not slept:
                     await trio.lowlevel.cancel_shielded_checkpoint()
@@ -297,7 +299,10 @@ class EventChannel:
         if self._closed:
             return
         self._closed = True
-        trio.lowlevel.notify_closing(self._wait_fd)
+        try:
+            trio.lowlevel.notify_closing(self._wait_fd)
+        except RuntimeError:
+            pass  # not inside trio.run: nobody can be waiting on it
         self._unmasked.unpark_all()
         if self._close_fds:
             os.close(self._wait_fd)
@@ -321,9 +326,10 @@ def eventfd_pair(port_a: int = 1, port_b: int = 2) -> tuple[EventChannel, EventC
     Each side owns its own copies of the fds (duplicated), so either can be
     closed independently; closing one marks the other peer-closed, which is
     what the hypervisor service does for ports of different processes.
-    To split a pair across processes, pass ``(wait_fd, notify_fd)`` of one
-    side to the child (``pass_fds``) and rebuild it there with
-    ``EventChannel(port, wait_fd, notify_fd)``.
+    For two processes, build the channels from raw eventfds instead: create
+    ``efd_a, efd_b = new_eventfd(), new_eventfd()``, keep
+    ``EventChannel(1, efd_a, efd_b)`` and give the child ``efd_b, efd_a``
+    (``pass_fds``) to build ``EventChannel(2, efd_b, efd_a)``.
     """
     efd_a = new_eventfd()
     efd_b = new_eventfd()
