@@ -1,0 +1,695 @@
+"""The XenStore engine: ``(connection, request) -> replies and watch events``.
+
+Pure: no I/O, no clock.  The daemon feeds it requests and queues what comes
+back, journals :meth:`Engine.take_changes` and carries out
+:meth:`Engine.take_effects`.
+
+Processing order (cxenstored 4.17, fact sheet §3.5): unknown type ->
+ENOSYS; privileged-only type from an unprivileged caller -> EACCES; a
+``tx_id`` naming no open transaction of this connection -> ENOENT (not for
+WATCH/UNWATCH); then the handler: argument format -> EINVAL, path -> EINVAL,
+node lookup/permissions -> EACCES/ENOENT, quotas -> ENOSPC/E2BIG.  The
+dispatch table at the bottom maps each type to its handler and flags.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from ..wire import OK, PAYLOAD_MAX, Op, Packet, XenStoreError
+from .connection import Connection
+from .control import ControlState, c_atoi, run_control
+from .domains import (
+    DOMID_SELF,
+    SUPPORTED_FEATURES,
+    DomainTable,
+    Introduced,
+    Released,
+)
+from .limits import WIRE_QUOTA_NAMES, Limits
+from .paths import ancestors, parent_of, resolve, resolve_watch_path
+from .perms import OWNER, READ, WRITE, Perms, parse_domid
+from .store import Change, Node, Overlay, Store, record_size
+from .transactions import Transaction, allocate_id
+from .watches import WatchRegistry
+
+__all__ = ["Engine", "Delivery"]
+
+Delivery = tuple[Connection, Packet]
+
+# Dispatch flags.
+PRIV = 1  # privileged callers only (EACCES otherwise)
+NO_TX = 2  # tx_id is ignored entirely (WATCH, UNWATCH)
+
+_EINVAL = "EINVAL"
+
+
+def _err(name: str) -> XenStoreError:
+    return XenStoreError(name)
+
+
+def _strings(payload: bytes) -> list[str]:
+    """The NUL-terminated strings of a payload (a trailing fragment without
+    NUL is not a string: cxenstored get_strings / xs_count_strings)."""
+    parts = payload.decode("latin-1").split("\0")
+    parts.pop()  # the fragment after the last NUL ("" if the payload ends in NUL)
+    return parts
+
+
+def _onearg(payload: bytes) -> str:
+    """cxenstored ``onearg``: exactly one NUL, as the last byte."""
+    if not payload or payload.find(b"\0") != len(payload) - 1:
+        raise _err(_EINVAL)
+    return payload[:-1].decode("latin-1")
+
+
+class Engine:
+    """See XENSTORE_API.md.  One per daemon."""
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        domain_exists: Callable[[int], bool] = lambda domid: True,
+        store: Store | None = None,
+        features: int = SUPPORTED_FEATURES,
+    ) -> None:
+        self.limits = limits if limits is not None else Limits()
+        self.store = store if store is not None else Store()
+        self.domains = DomainTable(domain_exists)
+        self.watches = WatchRegistry()
+        self.control_state = ControlState()
+        self.features = features
+        self._conns: dict[int, Connection] = {}
+        self._effects: list = []
+        # Per-request scratch: deliveries queued before the reply / after it.
+        self._out: list[Delivery] = []
+        self._after: list[Delivery] = []
+        self._dispatch: dict[int, tuple[Callable, int]] = {
+            Op.CONTROL: (self._control, PRIV),
+            Op.DIRECTORY: (self._directory, 0),
+            Op.READ: (self._read, 0),
+            Op.GET_PERMS: (self._get_perms, 0),
+            Op.WATCH: (self._watch, NO_TX),
+            Op.UNWATCH: (self._unwatch, NO_TX),
+            Op.TRANSACTION_START: (self._transaction_start, 0),
+            Op.TRANSACTION_END: (self._transaction_end, 0),
+            Op.INTRODUCE: (self._introduce, PRIV),
+            Op.RELEASE: (self._release, PRIV),
+            Op.GET_DOMAIN_PATH: (self._get_domain_path, 0),
+            Op.WRITE: (self._write, 0),
+            Op.MKDIR: (self._mkdir, 0),
+            Op.RM: (self._rm, 0),
+            Op.SET_PERMS: (self._set_perms, 0),
+            Op.IS_DOMAIN_INTRODUCED: (self._is_domain_introduced, PRIV),
+            Op.RESUME: (self._resume, PRIV),
+            Op.SET_TARGET: (self._set_target, PRIV),
+            Op.RESET_WATCHES: (self._reset_watches, 0),
+            Op.DIRECTORY_PART: (self._directory_part, 0),
+            Op.GET_FEATURE: (self._get_feature, PRIV),
+            Op.SET_FEATURE: (self._set_feature, PRIV),
+            Op.GET_QUOTA: (self._get_quota, PRIV),
+            Op.SET_QUOTA: (self._set_quota, PRIV),
+        }
+
+    # ------------------------------------------------------------------ API
+
+    def connect(self, domid: int = 0, privileged: bool = True) -> Connection:
+        """A new client connection (socket: dom0 privileged; ring: the guest)."""
+        conn = Connection(domid, privileged)
+        domain = self.domains.get(domid)
+        if domain is not None:
+            conn.target = domain.target
+        self._conns[conn.id] = conn
+        return conn
+
+    def disconnect(self, conn: Connection) -> list[Delivery]:
+        """Forget a connection: its watches and open transactions go.  Idempotent."""
+        self._reset_connection(conn)
+        conn.alive = False
+        self._conns.pop(conn.id, None)
+        return []
+
+    def handle(self, conn: Connection, packet: Packet) -> list[Delivery]:
+        """Process one request.  Returns the deliveries in queueing order:
+        watch events caused by the request (for any connection), then the
+        reply to ``conn``, then (WATCH only) the initial event."""
+        entry = self._dispatch.get(packet.op)
+        if entry is None:
+            return [(conn, packet.error_reply("ENOSYS"))]
+        handler, flags = entry
+        out = self._out = []
+        try:
+            if flags and flags & PRIV and not conn.privileged:
+                raise _err("EACCES")
+            tx = None
+            if packet.tx_id and not flags & NO_TX:
+                tx = conn.transactions.get(packet.tx_id)
+                if tx is None:
+                    raise _err("ENOENT")
+            payload = handler(conn, packet, tx)
+            if len(payload) > PAYLOAD_MAX:
+                raise _err("E2BIG")
+        except XenStoreError as e:
+            out.append((conn, packet.error_reply(e.name)))
+            return out
+        except Exception:  # a bug must not take the daemon down with it
+            out.append((conn, packet.error_reply("EIO")))
+            return out
+        out.append((conn, Packet(packet.op, packet.req_id, packet.tx_id, payload)))
+        if self._after:
+            out += self._after
+            self._after = []
+        return out
+
+    def take_changes(self) -> list[Change]:
+        """Committed store mutations since the last call (to journal)."""
+        return self.store.take_journal()
+
+    def take_effects(self) -> list:
+        """Side effects for the I/O layer (:class:`Introduced`, :class:`Released`)."""
+        effects = self._effects
+        self._effects = []
+        return effects
+
+    def domain_died(self, domid: int) -> list[Delivery]:
+        """The hypervisor says ``domid`` is dying or gone: tear it down like
+        RELEASE (nodes it owns are deleted with RM-style events, then
+        @releaseDomain).  Returns the watch events."""
+        out = self._out = []
+        if domid != 0 and self.domains.is_introduced(domid):
+            self._destroy_domain(domid)
+        return out
+
+    def domain_shutdown(self, domid: int) -> list[Delivery]:
+        """The domain shut down or crashed (not yet dead): fire @releaseDomain
+        once per shutdown (RESUME re-arms it)."""
+        out = self._out = []
+        domain = self.domains.get(domid)
+        if domain is not None and domain.introduced and not domain.shutdown_reported:
+            domain.shutdown_reported = True
+            self.watches.fire_special("@releaseDomain", self.domains.release_perms, out)
+        return out
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "nodes": len(self.store.nodes),
+            "watches": len(self.watches),
+            "transactions": sum(len(c.transactions) for c in self._conns.values()),
+            "connections": len(self._conns),
+            "domains": sum(1 for d in self.domains if d.introduced),
+            "generation": self.store.generation,
+        }
+
+    def domain_usage(self, domid: int) -> dict[str, int]:
+        """Per-domain resource counts (``xenstore-control quota <domid>``).
+        ``outstanding``/``memory`` are the daemon's, reported as 0 here."""
+        conns = [c for c in self._conns.values() if c.domid == domid]
+        return {
+            "nodes": self.store.owner_counts.get(domid, 0),
+            "watches": sum(len(c.watches) for c in conns),
+            "transactions": sum(len(c.transactions) for c in conns),
+            "outstanding": 0,
+            "memory": 0,
+        }
+
+    def quota(self, name: str, domid: int, soft: bool = False) -> int:
+        """Effective quota (4.17 name) for a domain: its override or the global value."""
+        domain = self.domains.get(domid)
+        if domain is not None and domain.quotas:
+            value = domain.quotas.get((name, soft))
+            if value is not None:
+                return value
+        return self.limits.get(name, soft)
+
+    # --------------------------------------------------------- node lookup
+
+    def _layer(self, tx: Transaction | None) -> Store | Overlay:
+        return self.store if tx is None else tx.overlay
+
+    def _path(self, conn: Connection, raw: str) -> str:
+        return resolve(raw, conn.home, self.limits.path_max)
+
+    def _find(self, conn: Connection, layer: Store | Overlay, path: str, perm: int) -> Node | None:
+        """cxenstored ``get_node``: the node if the caller has ``perm`` on it;
+        ``None`` if it is missing and the nearest existing ancestor grants
+        ``perm`` (ENOENT for reads, "may create" for writes); else EACCES."""
+        node = layer.get(path)
+        if node is not None:
+            if conn.privileged or (node.perms.access(conn.domid, conn.target) & perm) == perm:
+                return node
+            raise _err("EACCES")
+        if conn.privileged and layer is self.store:
+            return None
+        # Walk up (in a transaction this also records the ancestors read).
+        for anc in ancestors(path):
+            node = layer.get(anc)
+            if node is not None:
+                break
+        if conn.privileged or node is None or node.perms.access(conn.domid, conn.target) & perm:
+            return None
+        raise _err("EACCES")
+
+    def _get(self, conn: Connection, tx: Transaction | None, path: str, perm: int) -> Node:
+        node = self._find(conn, self._layer(tx), path, perm)
+        if node is None:
+            raise _err("ENOENT")
+        return node
+
+    # -------------------------------------------------------------- firing
+
+    def _fire(self, tx: Transaction | None, path: str, exact: bool = False, extra: tuple = ()) -> None:
+        """A change at ``path``: fire now, or at commit inside a transaction."""
+        if tx is not None:
+            tx.firings.append((path, exact, extra))
+        elif self.watches.by_path:
+            self.watches.fire(path, exact, lambda: self._visible_perms(path, extra), self._out)
+
+    def _visible_perms(self, path: str, extra: tuple) -> Iterable[Perms]:
+        """Permission lists that let a watcher see an event (watch_permitted):
+        the extra ones (old perms, perms of a deleted node), the node's, its
+        parent's."""
+        yield from extra
+        nodes = self.store.nodes
+        node = nodes.get(path)
+        if node is not None:
+            yield node.perms
+        if path != "/":
+            parent = nodes.get(parent_of(path))
+            if parent is not None:
+                yield parent.perms
+
+    # ------------------------------------------------------------- quotas
+
+    def _check_create(self, conn: Connection, layer, top: Node, top_name: str, new: int, leaf_len: int, perms: Perms) -> None:
+        """Quotas of an unprivileged caller creating ``new`` nodes under ``top``."""
+        domid = conn.domid
+        limit = self.quota("nodes", domid)
+        if limit and layer.owner_count(domid) + new > limit:
+            raise _err("ENOSPC")
+        limit = self.quota("node-size", domid)
+        if limit and (
+            record_size(leaf_len, perms, ()) >= limit
+            or record_size(len(top.value), top.perms, (*top.children, top_name)) >= limit
+        ):
+            raise _err("ENOSPC")
+
+    # ------------------------------------------------------------ handlers
+    # Each takes (conn, packet, tx) and returns the reply payload or raises
+    # XenStoreError.
+
+    def _read(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        path = self._path(conn, _onearg(packet.payload))
+        if tx is None and conn.privileged:
+            node = self.store.nodes.get(path)
+            if node is not None:
+                return node.value
+        return self._get(conn, tx, path, READ).value
+
+    def _write(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        payload = packet.payload
+        i = payload.find(b"\0")
+        if i < 0:
+            raise _err(_EINVAL)
+        path = self._path(conn, payload[:i].decode("latin-1"))
+        value = payload[i + 1 :]
+        layer = self._layer(tx)
+        node = self._find(conn, layer, path, WRITE)
+        if node is None:
+            self._create(conn, layer, path, value)
+        else:
+            if not conn.privileged:
+                limit = self.quota("node-size", conn.domid)
+                if limit and record_size(len(value), node.perms, node.children) >= limit:
+                    raise _err("ENOSPC")
+            layer.put(path, value, node.perms)
+        self._fire(tx, path)
+        return OK
+
+    def _create(self, conn: Connection, layer, path: str, value: bytes) -> None:
+        """Create ``path`` and its missing ancestors; each new node copies its
+        parent's permissions, owned by an unprivileged creator (cxenstored)."""
+        missing = [path]
+        p = path
+        while True:
+            p = parent_of(p)
+            top = layer.get(p)
+            if top is not None:
+                break
+            missing.append(p)
+        perms = top.perms
+        if not conn.privileged:
+            perms = perms.with_owner(conn.domid)
+            first = missing[-1]
+            self._check_create(conn, layer, top, first[first.rfind("/") + 1 :], len(missing), len(value), perms)
+        for p in reversed(missing[1:]):
+            layer.put(p, b"", perms)
+        layer.put(path, value, perms)
+
+    def _mkdir(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        path = self._path(conn, _onearg(packet.payload))
+        layer = self._layer(tx)
+        if self._find(conn, layer, path, WRITE) is None:
+            self._create(conn, layer, path, b"")
+            self._fire(tx, path)
+        return OK
+
+    def _rm(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        path = self._path(conn, _onearg(packet.payload))
+        layer = self._layer(tx)
+        node = self._find(conn, layer, path, WRITE)
+        if node is None:
+            # Missing is fine if the parent exists.
+            if path != "/" and layer.get(parent_of(path)) is not None:
+                return OK
+            raise _err("ENOENT")
+        if path == "/":
+            raise _err(_EINVAL)
+        self._remove(tx, layer, path)
+        return OK
+
+    def _remove(self, tx: Transaction | None, layer, path: str) -> None:
+        """Delete a subtree; fire like cxenstored: watches on each removed node
+        below ``path`` with their own path (exact), then ``path`` itself for
+        its own and its ancestors' watches."""
+        parent = layer.get(parent_of(path))
+        removed = layer.delete(path)
+        if tx is None and not self.watches.by_path:
+            return
+        perms_of = {p: n.perms for p, n in removed}
+        perms_of[parent_of(path)] = parent.perms
+        for p, n in removed:
+            extra = (n.perms, perms_of[parent_of(p)])
+            if p != path:
+                if tx is not None or self.watches.is_watched(p):
+                    self._fire(tx, p, True, extra)
+            else:
+                self._fire(tx, p, False, extra)
+
+    def _directory(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        path = self._path(conn, _onearg(packet.payload))
+        return self._get(conn, tx, path, READ).children_bytes()
+
+    def _directory_part(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        payload = packet.payload
+        if payload.count(b"\0") != 2:
+            raise _err(_EINVAL)
+        raw, offset_text = _strings(payload)
+        node = self._get(conn, tx, self._path(conn, raw), READ)
+        offset = c_atoi(offset_text) & 0xFFFFFFFF
+        gen = str(node.generation).encode() + b"\0"
+        children = node.children_bytes()
+        if offset >= len(children):
+            return gen + b"\0"
+        maxlen = PAYLOAD_MAX - len(gen) - 1
+        end = offset
+        total = len(children)
+        # Whole names only, as many as fit (cxenstored send_directory_part).
+        while True:
+            nul = children.find(b"\0", end)
+            if (nul - offset) >= maxlen:  # len + strlen(child) < maxlen fails
+                break
+            end = nul + 1
+            if end == total:
+                break
+        part = children[offset:end]
+        if end == total:
+            part += b"\0"
+        return gen + part
+
+    def _get_perms(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        path = self._path(conn, _onearg(packet.payload))
+        return self._get(conn, tx, path, READ).perms.wire
+
+    def _set_perms(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        payload = packet.payload
+        count = payload.count(b"\0")
+        if count < 2:
+            raise _err(_EINVAL)
+        nperms = count - 1
+        if not conn.privileged:
+            limit = self.quota("permissions", conn.domid)
+            if limit and nperms > limit:
+                raise _err("ENOSPC")
+        strings = _strings(payload)
+        perms = Perms.parse(strings[1 : 1 + nperms])
+        if not self.domains.exists(perms.owner):
+            raise _err("ENOENT")
+        raw = strings[0]
+        if raw[:1] == "@":
+            current = self.domains.special_perms(raw)
+            if current is None:
+                raise _err(_EINVAL)
+            if not conn.privileged and (current.access(conn.domid, conn.target) & (WRITE | OWNER)) != (WRITE | OWNER):
+                raise _err("EACCES")
+            self.domains.set_special_perms(raw, perms)
+            return OK
+        path = self._path(conn, raw)
+        layer = self._layer(tx)
+        node = self._get(conn, tx, path, WRITE | OWNER)
+        old = node.perms
+        if not conn.privileged:
+            if perms.owner != old.owner:
+                raise _err("EPERM")
+            limit = self.quota("node-size", conn.domid)
+            if limit and record_size(len(node.value), perms, node.children) >= limit:
+                raise _err("ENOSPC")
+        layer.put(path, node.value, perms)
+        self._fire(tx, path, False, (old,))
+        return OK
+
+    def _watch(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        payload = packet.payload
+        if payload.count(b"\0") != 2:
+            raise _err(_EINVAL)
+        raw, token_text = _strings(payload)
+        path, relative = resolve_watch_path(raw, conn.home, self.limits.path_max)
+        token = token_text.encode("latin-1")
+        if (path, token) in conn.watches:
+            raise _err("EEXIST")
+        if not conn.privileged:
+            limit = self.quota("watches", conn.domid)
+            if limit and self.domain_usage(conn.domid)["watches"] >= limit:
+                raise _err("E2BIG")  # cxenstored 4.17 (newer: ENOSPC)
+        watch = self.watches.add(conn, path, token, relative)
+        event = watch.event(path)
+        if event is not None:
+            self._after = [(conn, event)]
+        return OK
+
+    def _unwatch(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        payload = packet.payload
+        if payload.count(b"\0") != 2:
+            raise _err(_EINVAL)
+        raw, token_text = _strings(payload)
+        # Resolved like canonicalize(), not validated (cxenstored).
+        path = raw if raw[:1] in ("/", "@") else f"{conn.home}/{raw}"
+        watch = conn.watches.get((path, token_text.encode("latin-1")))
+        if watch is None:
+            raise _err("ENOENT")
+        self.watches.remove(watch)
+        return OK
+
+    def _reset_watches(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        self._reset_connection(conn)
+        return OK
+
+    def _reset_connection(self, conn: Connection) -> None:
+        self.watches.remove_all(conn)
+        conn.transactions.clear()
+
+    def _transaction_start(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        if tx is not None:
+            raise _err("EBUSY")
+        max_nodes = 0
+        if not conn.privileged:
+            limit = self.quota("transactions", conn.domid)
+            if limit and len(conn.transactions) >= limit:
+                raise _err("ENOSPC")
+            max_nodes = self.quota("transaction-nodes", conn.domid)
+        tx_id = allocate_id(conn)
+        conn.transactions[tx_id] = Transaction(tx_id, conn, self.store, max_nodes)
+        return b"%d\0" % tx_id
+
+    def _transaction_end(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        arg = _onearg(packet.payload)
+        if arg not in ("T", "F"):
+            raise _err(_EINVAL)
+        if tx is None:
+            raise _err("ENOENT")
+        del conn.transactions[tx.id]
+        if arg == "F":
+            return OK
+        overlay = tx.overlay
+        if overlay.conflicts():
+            raise _err("EAGAIN")
+        if not conn.privileged and overlay.owner_delta.get(conn.domid, 0) > 0:
+            limit = self.quota("nodes", conn.domid)
+            if limit and overlay.owner_count(conn.domid) > limit:
+                raise _err("ENOSPC")
+        overlay.commit()
+        if tx.firings and self.watches.by_path:
+            fire = self.watches.fire
+            out = self._out
+            for path, exact, extra in tx.firings:
+                fire(path, exact, lambda: self._visible_perms(path, extra), out)
+        return OK
+
+    # ------------------------------------------------------- domain ops
+
+    def _get_domain_path(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        domid = c_atoi(_onearg(packet.payload)) & 0xFFFFFFFF
+        return b"/local/domain/%d\0" % domid
+
+    def _introduce(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        args = _strings(packet.payload)
+        if len(args) < 3:
+            raise _err(_EINVAL)
+        domid = c_atoi(args[0])
+        gfn = c_atoi(args[1])
+        port = c_atoi(args[2])
+        if port <= 0:
+            raise _err(_EINVAL)
+        if domid == 0:
+            return OK  # the master domain is introduced at start-up
+        if domid < 0 or not self.domains.exists(domid):
+            raise _err(_EINVAL)  # cxenstored: ESRCH, which has no wire name
+        domain = self.domains.find_or_alloc(domid)
+        new = not domain.introduced
+        domain.introduced = True
+        domain.gfn, domain.port = gfn, port
+        domain.shutdown_reported = False
+        self._effects.append(Introduced(domid, gfn, port))
+        for c in list(self._conns.values()):
+            if c.domid == domid and not c.privileged:
+                self._reset_connection(c)
+        if new:
+            self.watches.fire_special("@introduceDomain", self.domains.introduce_perms, self._out)
+        return OK
+
+    def _domain_arg(self, packet: Packet) -> int:
+        """RELEASE/RESUME argument: a connected, non-zero domain."""
+        domid = c_atoi(_onearg(packet.payload))
+        if domid == 0:
+            raise _err(_EINVAL)
+        if not self.domains.is_introduced(domid):
+            raise _err("ENOENT")
+        return domid
+
+    def _release(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        self._destroy_domain(self._domain_arg(packet))
+        return OK
+
+    def _destroy_domain(self, domid: int) -> None:
+        """cxenstored destroy_domain: drop the domain's connections' watches
+        and transactions, delete every node it owns (RM-style events),
+        forget it, fire @releaseDomain."""
+        for c in list(self._conns.values()):
+            if c.domid == domid:
+                self._reset_connection(c)
+        store = self.store
+        if store.owner_counts.get(domid, 0):
+            nodes = store.nodes
+            stack = ["/"]
+            while stack:
+                p = stack.pop()
+                node = nodes.get(p)
+                if node is None:
+                    continue
+                if p != "/" and node.perms.owner == domid:
+                    self._remove(None, store, p)
+                    continue
+                prefix = p if p != "/" else ""
+                stack.extend(f"{prefix}/{name}" for name in reversed(node.children))
+        self.domains.forget(domid)
+        for c in self._conns.values():
+            if c.target == domid:
+                c.target = None
+        self._effects.append(Released(domid))
+        self.watches.fire_special("@releaseDomain", self.domains.release_perms, self._out)
+
+    def _is_domain_introduced(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        domid = c_atoi(_onearg(packet.payload))
+        return b"T\0" if domid == DOMID_SELF or self.domains.is_introduced(domid) else b"F\0"
+
+    def _resume(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        self.domains.get(self._domain_arg(packet)).shutdown_reported = False
+        return OK
+
+    def _set_target(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        args = _strings(packet.payload)
+        if len(args) < 2:
+            raise _err(_EINVAL)
+        domid, target = c_atoi(args[0]), c_atoi(args[1])
+        if not self.domains.is_introduced(domid) or not self.domains.is_introduced(target):
+            raise _err("ENOENT")
+        self.domains.get(domid).target = target
+        for c in self._conns.values():
+            if c.domid == domid:
+                c.target = target
+        return OK
+
+    def _control(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        return run_control(
+            _strings(packet.payload), self.limits, self.domains, self.domain_usage, self.control_state
+        )
+
+    def _get_feature(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        args = _strings(packet.payload)
+        if not args:
+            return b"%d\0" % self.features
+        domain = self.domains.find_or_alloc(c_atoi(args[0]))
+        if domain is None:
+            raise _err("ENOENT")
+        return b"%d\0" % (domain.features & 0xFFFFFFFF)
+
+    def _set_feature(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        args = _strings(packet.payload)
+        if len(args) < 2:
+            raise _err(_EINVAL)
+        features = c_atoi(args[1]) & 0xFFFFFFFF
+        domain = self.domains.find_or_alloc(c_atoi(args[0]))
+        if domain is None:
+            raise _err("ENOENT")
+        if domain.introduced:
+            raise _err("EBUSY")
+        if features & ~self.features:
+            raise _err(_EINVAL)
+        domain.features = features
+        return OK
+
+    def _quota_domain(self, text: str):
+        domid = parse_domid(text)
+        if domid is None or text[:1] in ("-", "+", " "):
+            raise _err(_EINVAL)
+        domain = self.domains.find_or_alloc(domid)
+        if domain is None:
+            raise _err("ENOENT")
+        return domain
+
+    def _get_quota(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        args = _strings(packet.payload)[:2]
+        if not args:
+            return " ".join(WIRE_QUOTA_NAMES).encode() + b"\0"
+        domain = self._quota_domain(args[0]) if len(args) == 2 else None
+        key = Limits.from_wire_name(args[-1])
+        if key is None:
+            raise _err(_EINVAL)
+        if domain is None:
+            return b"%d\0" % self.limits.get(*key)
+        return b"%d\0" % self.quota(key[0], domain.domid, key[1])
+
+    def _set_quota(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
+        args = _strings(packet.payload)[:3]
+        if len(args) < 2:
+            raise _err(_EINVAL)
+        domain = self._quota_domain(args[0]) if len(args) == 3 else None
+        key = Limits.from_wire_name(args[-2])
+        value = c_atoi(args[-1])
+        if key is None or value < 0:
+            raise _err(_EINVAL)
+        if domain is None:
+            self.limits.set(key[0], value, key[1])
+        else:
+            domain.quotas[key] = value
+        return OK

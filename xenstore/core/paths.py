@@ -1,0 +1,108 @@
+"""XenStore path syntax: validation and relative-path resolution.
+
+Rules follow cxenstored 4.17 (``is_valid_nodename``, ``canonicalize``):
+
+* absolute paths start with ``/``; characters ``A-Za-z0-9-/_@`` only; no
+  ``//``; no trailing ``/`` except the root itself;
+* a path that starts with neither ``/`` nor ``@`` is relative to the
+  caller's home ``/local/domain/<domid>`` (socket connections are dom0);
+* length: if the path starts with ``/local/domain/<1-5 digits>/`` only the
+  part after that prefix counts and must be ``<= path_max``; any other
+  path must be ``<= path_max`` in total (``path_max`` is the ``path-max``
+  quota, 2048 by default).  This applies to every caller, like cxenstored.
+
+Paths are handled as ``str`` (validated paths are ASCII, decoded from the
+wire as latin-1 so that no byte can make decoding fail).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..wire import XenStoreError
+
+__all__ = [
+    "home_path",
+    "is_valid_path",
+    "resolve",
+    "resolve_watch_path",
+    "parent_of",
+    "ancestors",
+    "is_in_subtree",
+    "LOCAL_DOMAIN",
+]
+
+LOCAL_DOMAIN = "/local/domain/"
+
+# A whole path: "/" or "/comp(/comp)*" with the allowed characters.  One
+# fullmatch covers charset, "//" and the trailing "/" rule at once.
+_VALID = re.compile(r"/|(?:/[A-Za-z0-9_@\-]+)+").fullmatch
+# sscanf("/local/domain/%5u/%n"): at most 5 characters for the number
+# (an optional sign counts towards the width; %u accepts one).
+_LOCAL_PREFIX = re.compile(r"/local/domain/(?:[+\-]\d{1,4}|\d{1,5})/").match
+
+
+def home_path(domid: int) -> str:
+    """The implicit home of a domain, ``/local/domain/<domid>`` (no slash)."""
+    return f"{LOCAL_DOMAIN}{domid}"
+
+
+def is_valid_path(path: str, path_max: int) -> bool:
+    """True iff ``path`` is a valid absolute node path (not an ``@`` name)."""
+    if _VALID(path) is None:
+        return False
+    n = len(path)
+    if n <= path_max:
+        return True
+    m = _LOCAL_PREFIX(path)
+    return m is not None and n - m.end() <= path_max
+
+
+def resolve(raw: str, home: str, path_max: int) -> str:
+    """Canonical absolute path for a node argument, or ``EINVAL``.
+
+    ``@`` names are not nodes: they are rejected here (watches and
+    ``SET_PERMS`` handle them before calling this).
+    """
+    if raw[:1] != "/":
+        if raw[:1] == "@":
+            raise XenStoreError("EINVAL")
+        raw = f"{home}/{raw}"
+    if not is_valid_path(raw, path_max):
+        raise XenStoreError("EINVAL")
+    return raw
+
+
+def resolve_watch_path(raw: str, home: str, path_max: int) -> tuple[str, bool]:
+    """``(absolute path, relative?)`` for a ``WATCH`` argument.
+
+    ``@`` names are accepted with any syntax up to 2048 bytes (cxenstored
+    ``check_watch_path``); they are never relative.
+    """
+    if raw[:1] == "@":
+        if len(raw) > 2048:
+            raise XenStoreError("EINVAL")
+        return raw, False
+    relative = raw[:1] != "/"
+    return resolve(raw, home, path_max), relative
+
+
+def parent_of(path: str) -> str:
+    """Parent of a valid absolute path other than ``/``."""
+    i = path.rfind("/")
+    return path[:i] if i > 0 else "/"
+
+
+def ancestors(path: str):
+    """Yield the proper ancestors of ``path``, nearest first, ending with ``/``."""
+    while path != "/":
+        i = path.rfind("/")
+        path = path[:i] if i > 0 else "/"
+        yield path
+
+
+def is_in_subtree(path: str, top: str) -> bool:
+    """``path`` is ``top`` or below it (xenstored ``is_child``)."""
+    if top == "/":
+        return True
+    return path == top or path.startswith(top + "/")

@@ -1,0 +1,338 @@
+"""The node tree: live store and the copy-on-write transaction overlay.
+
+The live :class:`Store` is a flat ``dict`` path -> :class:`Node`.  A global
+generation counter bumps on every modification and the modified node (and a
+parent whose child list changed) takes the new value, so a node's
+generation tells whether it changed since a given moment (transaction
+conflicts, ``DIRECTORY_PART``).
+
+Both layers offer the same three primitives that the operations are written
+against: ``get(path)``, ``put(path, value, perms)`` (create -- the parent
+must exist -- or update) and ``delete(path)`` (whole subtree).  Every live
+mutation is journaled as a *change record*, a plain msgpack-able tuple:
+
+    ("set", path: str, value: bytes, perms: list[str])   create or update;
+                                                          children untouched
+    ("rm", path: str)                                     remove the subtree
+
+``Store.apply(record)`` replays one record with the same primitives, so a
+transaction commit, journal replay and snapshot restore share one code path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from ..wire import XenStoreError
+from .perms import Perms
+
+__all__ = ["Node", "Store", "Overlay", "Change", "record_size"]
+
+Change = tuple  # ("set", path, value, perms) | ("rm", path)
+
+_ROOT_PERMS = Perms.owned_by(0)
+
+
+class Node:
+    """One node.  ``children`` keys are names in creation order."""
+
+    __slots__ = ("value", "perms", "children", "generation")
+
+    def __init__(self, value: bytes, perms: Perms, children: dict[str, None], generation: int) -> None:
+        self.value = value
+        self.perms = perms
+        self.children = children
+        self.generation = generation
+
+    def children_bytes(self) -> bytes:
+        """The ``DIRECTORY`` payload: each name followed by a NUL."""
+        if not self.children:
+            return b""
+        return ("\0".join(self.children) + "\0").encode()
+
+    def __repr__(self) -> str:
+        return f"Node({self.value!r}, {self.perms!r}, {list(self.children)}, gen={self.generation})"
+
+
+def record_size(value_len: int, perms: Perms, children: Iterable[str]) -> int:
+    """cxenstored's stored record size, what the ``node-size`` quota limits:
+    24-byte header + 8 bytes per permission entry + value + child names
+    (each with its NUL)."""
+    return 24 + 8 * len(perms) + value_len + sum(len(c) + 1 for c in children)
+
+
+def _split(path: str) -> tuple[str, str]:
+    i = path.rfind("/")
+    return (path[:i] if i > 0 else "/"), path[i + 1 :]
+
+
+class Store:
+    """The live tree.  ``journal`` collects change records of every mutation
+    until the owner (the engine) takes them."""
+
+    __slots__ = ("nodes", "generation", "journal", "owner_counts", "_perms_cache")
+
+    def __init__(self, *, initial: bool = True) -> None:
+        self.nodes: dict[str, Node] = {"/": Node(b"", _ROOT_PERMS, {}, 0)}
+        self.generation = 0
+        self.journal: list[Change] = []
+        #: Nodes owned per domid (entry 0 of the perms): the ``nodes`` quota.
+        self.owner_counts: dict[int, int] = {0: 1}
+        self._perms_cache: dict[tuple[str, ...], Perms] = {}
+        if initial:
+            # cxenstored setup_structure(); journaled like any change so that a
+            # journal alone rebuilds the tree from a bare root.
+            self.put("/tool", b"", _ROOT_PERMS)
+            self.put("/tool/xenstored", b"", _ROOT_PERMS)
+
+    # -- the three primitives -------------------------------------------------
+
+    def get(self, path: str) -> Node | None:
+        return self.nodes.get(path)
+
+    def put(self, path: str, value: bytes, perms: Perms) -> bool:
+        """Create or update; returns True if the node was created."""
+        gen = self.generation = self.generation + 1
+        node = self.nodes.get(path)
+        counts = self.owner_counts
+        if node is None:
+            parent_path, name = _split(path)
+            parent = self.nodes[parent_path]
+            parent.children[name] = None
+            parent.generation = gen
+            self.nodes[path] = Node(value, perms, {}, gen)
+            counts[perms.owner] = counts.get(perms.owner, 0) + 1
+            created = True
+        else:
+            old_owner = node.perms.owner
+            if old_owner != perms.owner:
+                counts[old_owner] -= 1
+                counts[perms.owner] = counts.get(perms.owner, 0) + 1
+            node.value = value
+            node.perms = perms
+            node.generation = gen
+            created = False
+        self.journal.append(("set", path, value, list(perms.strings)))
+        return created
+
+    def delete(self, path: str) -> list[tuple[str, Node]]:
+        """Remove ``path`` and its subtree (the node must exist, not ``/``).
+
+        Returns the removed ``(path, node)`` pairs children first, the
+        removed node last (the order cxenstored fires their watches in)."""
+        removed = list(self.iter_subtree_postorder(path))
+        nodes = self.nodes
+        counts = self.owner_counts
+        for p, n in removed:
+            del nodes[p]
+            counts[n.perms.owner] -= 1
+        parent_path, name = _split(path)
+        parent = nodes[parent_path]
+        del parent.children[name]
+        parent.generation = self.generation = self.generation + 1
+        self.journal.append(("rm", path))
+        return removed
+
+    def iter_subtree_postorder(self, path: str) -> Iterator[tuple[str, Node]]:
+        """``(path, node)`` of the subtree, children before parents.
+        Iterative: the depth is peer-controlled."""
+        nodes = self.nodes
+        stack = [(path, nodes[path], False)]
+        while stack:
+            p, n, expanded = stack.pop()
+            if expanded or not n.children:
+                yield p, n
+                continue
+            stack.append((p, n, True))
+            prefix = p if p != "/" else ""
+            for name in reversed(n.children):
+                child = f"{prefix}/{name}"
+                stack.append((child, nodes[child], False))
+
+    # -- persistence ------------------------------------------------------------
+
+    def apply(self, change: Change) -> None:
+        """Replay one change record (journal replay, restore)."""
+        kind = change[0]
+        if kind == "set":
+            _, path, value, strings = change
+            key = tuple(strings)
+            perms = self._perms_cache.get(key)
+            if perms is None:
+                perms = self._perms_cache[key] = Perms.parse(key)
+            if path == "/" or path in self.nodes or _split(path)[0] in self.nodes:
+                self.put(path, bytes(value), perms)
+            else:
+                raise ValueError(f"change record for {path!r} before its parent")
+        elif kind == "rm":
+            path = change[1]
+            if path != "/" and path in self.nodes:
+                self.delete(path)
+        else:
+            raise ValueError(f"unknown change record {change!r}")
+
+    def snapshot(self) -> list[Change]:
+        """The whole tree as ``set`` records, parents before children, children
+        in creation order (so a restore keeps ``DIRECTORY`` order)."""
+        out: list[Change] = []
+        nodes = self.nodes
+        stack = ["/"]
+        while stack:
+            p = stack.pop()
+            n = nodes[p]
+            out.append(("set", p, n.value, list(n.perms.strings)))
+            prefix = p if p != "/" else ""
+            stack.extend(f"{prefix}/{name}" for name in reversed(n.children))
+        return out
+
+    @classmethod
+    def from_changes(cls, records: Iterable[Change]) -> "Store":
+        """A store rebuilt from a bare root by replaying ``records`` (a
+        snapshot, a journal, or a snapshot followed by a journal)."""
+        store = cls(initial=False)
+        for record in records:
+            store.apply(record)
+        store.journal.clear()
+        return store
+
+    def owner_count(self, domid: int) -> int:
+        """Nodes owned by ``domid`` (the ``nodes`` quota counts these)."""
+        return self.owner_counts.get(domid, 0)
+
+    def take_journal(self) -> list[Change]:
+        journal = self.journal
+        self.journal = []
+        return journal
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+class Overlay:
+    """A transaction's copy-on-write view over the live store (O(1) start).
+
+    ``nodes`` holds the transaction's own versions (``None`` = deleted in the
+    transaction).  ``seen`` records, for every live node the transaction
+    looked at, its generation (``None`` = absent) at first access; the commit
+    fails if any of them differs in the live store by then.  A live node
+    first seen with a generation newer than the transaction's start means the
+    transaction's snapshot is already stale there: it is ``doomed`` (EAGAIN at
+    commit), which keeps the view of a committing transaction a consistent
+    snapshot.
+    """
+
+    __slots__ = ("live", "nodes", "seen", "ops", "start_generation", "doomed", "owner_delta", "max_seen")
+
+    def __init__(self, live: Store, max_seen: int = 0) -> None:
+        self.live = live
+        self.nodes: dict[str, Node | None] = {}
+        self.seen: dict[str, int | None] = {}
+        self.ops: list[tuple] = []  # ("set", path, value, Perms) | ("rm", path)
+        self.start_generation = live.generation
+        self.doomed = False
+        self.owner_delta: dict[int, int] = {}
+        #: transaction-nodes quota (0 = unlimited); ENOSPC when exceeded.
+        self.max_seen = max_seen
+
+    def get(self, path: str) -> Node | None:
+        nodes = self.nodes
+        if path in nodes:
+            return nodes[path]
+        node = self.live.nodes.get(path)
+        if path not in self.seen:
+            if self.max_seen and len(self.seen) >= self.max_seen:
+                raise XenStoreError("ENOSPC")
+            if node is None:
+                self.seen[path] = None
+            else:
+                self.seen[path] = node.generation
+                if node.generation > self.start_generation:
+                    self.doomed = True
+        return node
+
+    def _own(self, path: str, node: Node) -> Node:
+        """The transaction's private, mutable copy of a node it sees."""
+        mine = self.nodes.get(path)
+        if mine is None:
+            mine = self.nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
+        return mine
+
+    def put(self, path: str, value: bytes, perms: Perms) -> bool:
+        gen = self.live.generation = self.live.generation + 1
+        node = self.get(path)
+        delta = self.owner_delta
+        if node is None:
+            parent_path, name = _split(path)
+            parent = self._own(parent_path, self.get(parent_path))
+            parent.children[name] = None
+            parent.generation = gen
+            self.nodes[path] = Node(value, perms, {}, gen)
+            delta[perms.owner] = delta.get(perms.owner, 0) + 1
+            created = True
+        else:
+            if node.perms.owner != perms.owner:
+                delta[node.perms.owner] = delta.get(node.perms.owner, 0) - 1
+                delta[perms.owner] = delta.get(perms.owner, 0) + 1
+            node = self._own(path, node)
+            node.value = value
+            node.perms = perms
+            node.generation = gen
+            created = False
+        self.ops.append(("set", path, value, perms))
+        return created
+
+    def delete(self, path: str) -> list[tuple[str, Node]]:
+        removed = list(self.iter_subtree_postorder(path))  # records every node first
+        parent_path, name = _split(path)
+        parent = self._own(parent_path, self.get(parent_path))
+        delta = self.owner_delta
+        for p, n in removed:
+            self.nodes[p] = None
+            delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
+        del parent.children[name]
+        parent.generation = self.live.generation = self.live.generation + 1
+        self.ops.append(("rm", path))
+        return removed
+
+    def iter_subtree_postorder(self, path: str) -> Iterator[tuple[str, Node]]:
+        # Collect first (every get() may raise the transaction-nodes quota)
+        # so that a failure leaves nothing half-done.
+        out = []
+        stack = [(path, self.get(path), False)]
+        while stack:
+            p, n, expanded = stack.pop()
+            if n is None:  # the live tree moved under a doomed transaction
+                continue
+            if expanded or not n.children:
+                out.append((p, n))
+                continue
+            stack.append((p, n, True))
+            prefix = p if p != "/" else ""
+            for name in reversed(n.children):
+                child = f"{prefix}/{name}"
+                stack.append((child, self.get(child), False))
+        return iter(out)
+
+    def owner_count(self, domid: int) -> int:
+        return self.live.owner_counts.get(domid, 0) + self.owner_delta.get(domid, 0)
+
+    def conflicts(self) -> bool:
+        """True if committing now would break isolation (-> EAGAIN)."""
+        if self.doomed:
+            return True
+        live = self.live.nodes
+        for path, gen in self.seen.items():
+            node = live.get(path)
+            if (node.generation if node is not None else None) != gen:
+                return True
+        return False
+
+    def commit(self) -> None:
+        """Replay the transaction's mutations into the live store (which
+        journals them).  Call only after :meth:`conflicts` said False."""
+        live = self.live
+        for op in self.ops:
+            if op[0] == "set":
+                live.put(op[1], op[2], op[3])
+            else:
+                live.delete(op[1])

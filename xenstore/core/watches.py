@@ -1,0 +1,130 @@
+"""Watch registry indexed by path, and event generation.
+
+A watch on ``W`` fires for a change at ``P`` if ``P == W`` or ``P`` is below
+``W`` (``W == "/"`` covers everything).  Firing looks up the changed path and
+each of its ancestors in a dict, so the cost of a change depends on the depth
+of the path, never on the number of unrelated watches.  ``exact`` firings
+(watches inside a removed subtree, special ``@`` events) look up one path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from ..wire import PAYLOAD_MAX, Op, Packet
+from .connection import Connection
+from .perms import READ, Perms
+
+__all__ = ["Watch", "WatchRegistry"]
+
+_WATCH_EVENT = Op.WATCH_EVENT
+
+
+class Watch:
+    __slots__ = ("conn", "path", "token", "strip")
+
+    def __init__(self, conn: Connection, path: str, token: bytes, relative: bool) -> None:
+        self.conn = conn
+        self.path = path
+        self.token = token
+        #: characters to strip from event paths of a relative watch
+        #: ("/local/domain/<domid>/"), 0 for absolute and @ watches.
+        self.strip = len(conn.home) + 1 if relative else 0
+
+    def event(self, path: str) -> Packet | None:
+        """The WATCH_EVENT packet for a change at ``path`` (None if too big:
+        cxenstored drops events over the payload limit)."""
+        if self.strip:
+            path = path[self.strip :]
+        payload = path.encode("latin-1") + b"\0" + self.token + b"\0"
+        if len(payload) > PAYLOAD_MAX:
+            return None
+        return Packet(_WATCH_EVENT, 0, 0, payload)
+
+    def __repr__(self) -> str:
+        return f"Watch({self.path!r}, {self.token!r}, conn={self.conn.id})"
+
+
+class WatchRegistry:
+    """All watches of all connections, by resolved path."""
+
+    __slots__ = ("by_path", "_count")
+
+    def __init__(self) -> None:
+        #: resolved path -> watches on it (read-only outside this class; an
+        #: empty dict means "nothing to fire", checked on the hot path).
+        self.by_path: dict[str, list[Watch]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, conn: Connection, path: str, token: bytes, relative: bool) -> Watch:
+        """Register (caller checked EEXIST and quota)."""
+        watch = Watch(conn, path, token, relative)
+        self.by_path.setdefault(path, []).append(watch)
+        conn.watches[(path, token)] = watch
+        self._count += 1
+        return watch
+
+    def remove(self, watch: Watch) -> None:
+        lst = self.by_path.get(watch.path)
+        if lst is None or watch not in lst:
+            return  # idempotent
+        lst.remove(watch)
+        if not lst:
+            del self.by_path[watch.path]
+        watch.conn.watches.pop((watch.path, watch.token), None)
+        self._count -= 1
+
+    def remove_all(self, conn: Connection) -> None:
+        for watch in list(conn.watches.values()):
+            self.remove(watch)
+
+    def is_watched(self, path: str) -> bool:
+        return path in self.by_path
+
+    def fire(
+        self,
+        path: str,
+        exact: bool,
+        visible_perms: Callable[[], Iterable[Perms]],
+        out: list,
+    ) -> None:
+        """Append ``(conn, WATCH_EVENT)`` for every watch matching a change at
+        ``path``.  Unprivileged watchers only get it if one of the permission
+        lists returned by ``visible_perms()`` (computed once, lazily) lets them
+        read: the node's, its parent's, and e.g. the old perms of SET_PERMS."""
+        by_path = self.by_path
+        if not by_path:
+            return
+        perms: tuple[Perms, ...] | None = None
+        p = path
+        while True:
+            watches = by_path.get(p)
+            if watches:
+                for w in watches:
+                    conn = w.conn
+                    if not conn.privileged:
+                        if perms is None:
+                            perms = tuple(visible_perms())
+                        domid, target = conn.domid, conn.target
+                        if not any(ps.access(domid, target) & READ for ps in perms):
+                            continue
+                    packet = w.event(path)
+                    if packet is not None:
+                        out.append((conn, packet))
+            if exact or p == "/":
+                return
+            i = p.rfind("/")
+            p = p[:i] if i > 0 else "/"
+
+    def fire_special(self, name: str, perms: Perms, out: list) -> None:
+        """``@introduceDomain`` / ``@releaseDomain``: exact-name watches only;
+        unprivileged watchers need read access in that name's permission set."""
+        for w in self.by_path.get(name, ()):
+            conn = w.conn
+            if conn.privileged or perms.access(conn.domid, conn.target) & READ:
+                packet = w.event(name)
+                if packet is not None:
+                    out.append((conn, packet))
