@@ -37,12 +37,27 @@ def hypervisor_socket(tmp_path) -> Iterator[str]:
     assert proc.returncode == 0, f"service exited with {proc.returncode}"
 
 
-def spawn_guest(fd: int, code: str, *args: str) -> subprocess.Popen:
-    """Run ``code`` (Python, dedented) as a guest domain owning connection ``fd``.
+@pytest.fixture
+def spawn_guest() -> Iterator:
+    """``spawn_guest(fd, code, *args)`` runs ``code`` (Python, dedented) as a
+    guest domain owning connection ``fd``.
 
     The guest gets the fd as ``$UXEN_HYPERVISOR_FD``; extra ``args`` become
-    ``sys.argv[1:]``.  Its stdout is a pipe (guests report results there).
+    ``sys.argv[1:]``; its stdout is a text pipe (guests report there).  Guests
+    still running at the end of the test are killed.
     """
-    env = dict(os.environ, UXEN_HYPERVISOR_FD=str(fd))
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
-                            pass_fds=[fd], env=env, stdout=subprocess.PIPE, text=True)
+    procs: list[subprocess.Popen] = []
+
+    def spawn(fd: int, code: str, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, UXEN_HYPERVISOR_FD=str(fd))
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                                pass_fds=[fd], env=env, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
