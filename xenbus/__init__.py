@@ -1,0 +1,42 @@
+"""XenBus: the front/back device handshake on top of XenStore.
+
+The pure parts (no trio, no I/O):
+
+* :mod:`xenbus.state`     -- ``XenbusState``, the transition table and the
+  decision rules (``decide``) both ends use;
+* :mod:`xenbus.paths`     -- device directories, cross references, permissions;
+* :mod:`xenbus.handshake` -- what each end writes and parses at each state
+  (``to_assoc`` / ``of_assoc``) and error nodes;
+* :mod:`xenbus.console`   -- PV console keys and page constants.
+
+The trio driver layer (:mod:`xenbus.driver`) is imported on demand so that
+importing the pure parts does not import trio.
+"""
+
+from .handshake import BlkBackendDisk as BlkBackendDisk
+from .handshake import BlkBackendFeatures as BlkBackendFeatures
+from .handshake import BlkFrontendRings as BlkFrontendRings
+from .handshake import HandshakeError as HandshakeError
+from .handshake import NetBackendFeatures as NetBackendFeatures
+from .handshake import NetFrontendRings as NetFrontendRings
+from .handshake import NetQueue as NetQueue
+from .handshake import OtherEnd as OtherEnd
+from .handshake import Protocol as Protocol
+from .handshake import RingQueue as RingQueue
+from .handshake import feature_flags as feature_flags
+from .handshake import format_error as format_error
+from .handshake import negotiate_features as negotiate_features
+from .handshake import parse_error as parse_error
+from .handshake import read_other_end as read_other_end
+from .paths import DeviceId as DeviceId
+from .paths import error_path as error_path
+from .paths import parse_backend_path as parse_backend_path
+from .paths import parse_frontend_path as parse_frontend_path
+from .state import Local as Local
+from .state import Role as Role
+from .state import Step as Step
+from .state import Work as Work
+from .state import XenbusState as XenbusState
+from .state import decide as decide
+from .state import is_allowed as is_allowed
+from .state import parse_state as parse_state
