@@ -220,6 +220,16 @@ def xenstored_factory():
         factory.cleanup()
 
 
+@pytest.fixture(scope="module")
+def xenstored_module_factory():
+    """Like ``xenstored_factory`` but shared by a whole test module."""
+    factory = DaemonFactory()
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
 @pytest.fixture
 def xenstored(xenstored_factory) -> DaemonProcess:
     return xenstored_factory.start()

@@ -372,10 +372,12 @@ class StateDir:
         body = msgpack.packb({"journal": first_journal, "changes": list(changes)}, use_bin_type=True)
         data = SNAPSHOT_MAGIC + encode_frame(body)
         tmp = os.path.join(self.path, "snapshot.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, os.path.join(self.path, "snapshot"))
         self._fsync_dir()
         return len(data)

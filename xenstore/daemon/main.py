@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import trio
 
 from .journal import FsyncPolicy, JournalError, StateDir
-from .server import ServerConfig, XenstoreServer, close_listener, default_socket_path, open_listener
+from .server import Listener, ServerConfig, XenstoreServer, default_socket_path, open_listener
 from .trace import Tracer
 
 __all__ = ["main", "build_parser", "limits_from_args", "restore_engine"]
@@ -145,7 +145,7 @@ def _pairs(values: Sequence[str], allowed: Sequence[str], flag: str) -> dict[str
 
 def limits_from_args(args: argparse.Namespace) -> Any:
     """The engine's Limits with the command line's quotas applied."""
-    from ..core import Limits
+    from ..core.limits import Limits
 
     limits = Limits()
     wanted: dict[str, int] = {}
@@ -171,7 +171,8 @@ def restore_engine(limits: Any, state: StateDir | None, strict: bool = False) ->
     start, and after any recovery problem, the recovered store is compacted
     right away so damaged or replayed data is never looked at again.
     """
-    from ..core import Engine, Store
+    from ..core.engine import Engine
+    from ..core.store import Store
 
     def domain_exists(domid: int) -> bool:
         return True  # no hypervisor yet: every domain "exists"
@@ -309,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("stopping: %s", exc)
         status = 1
     finally:
-        close_listener(listener, socket_path)
+        listener.close()
         if state is not None:
             state.close()
         if tracer is not None:
@@ -328,7 +329,7 @@ def _outstanding(limits: Any) -> int:
     return value if value > 0 else 1 << 30  # 0 disables the check
 
 
-async def _run(server: XenstoreServer, listener: Any, tracer: Tracer | None) -> None:
+async def _run(server: XenstoreServer, listener: Listener, tracer: Tracer | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listener)

@@ -42,13 +42,18 @@ from .journal import FsyncPolicy, JournalError, StateDir
 from .outqueue import OutputQueue
 from .trace import Tracer
 
-__all__ = ["ServerConfig", "XenstoreServer", "open_listener", "close_listener", "default_socket_path"]
+__all__ = ["ServerConfig", "XenstoreServer", "Listener", "open_listener", "default_socket_path"]
 
 log = logging.getLogger("xenstored")
 
 _WATCH_EVENT = int(Op.WATCH_EVENT)
+# Outcomes of XenstoreServer._process.
+_DONE = "done"
+_THROTTLED = "throttled"
+_CLOSE = "close"
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
+_checkpoint = trio.lowlevel.checkpoint
 
 
 def default_socket_path(environ: dict[str, str] | os._Environ = os.environ) -> str:
@@ -59,7 +64,33 @@ def default_socket_path(environ: dict[str, str] | os._Environ = os.environ) -> s
     return os.path.join(rundir, "socket")
 
 
-def open_listener(path: str, backlog: int = 128) -> socket.socket:
+class Listener:
+    """The listening unix socket and the file it is bound to."""
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        self.sock = sock
+        self.path = path
+        st = os.stat(path)
+        self._file_id = (st.st_dev, st.st_ino)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        return self.sock.accept()
+
+    def close(self) -> None:
+        """Close the socket and remove its file (unless someone replaced it)."""
+        self.sock.close()
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._file_id:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def open_listener(path: str, backlog: int = 128) -> Listener:
     """A non-blocking listening unix socket at ``path``, mode 0600.
 
     Parent directories are created.  A stale socket file is replaced, but if
@@ -95,21 +126,7 @@ def open_listener(path: str, backlog: int = 128) -> socket.socket:
     os.chmod(path, 0o600)
     sock.listen(backlog)
     sock.setblocking(False)
-    return sock
-
-
-def close_listener(sock: socket.socket, path: str) -> None:
-    """Close the listener and remove its socket file (if it is still ours)."""
-    try:
-        ours = os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino
-    except OSError:
-        ours = True
-    sock.close()
-    if ours:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    return Listener(sock, path)
 
 
 @dataclass
@@ -217,7 +234,7 @@ class XenstoreServer:
 
     # -- public ----------------------------------------------------------
 
-    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, listener: Listener, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve connections until cancelled or a fatal error.
 
         Raises :class:`JournalError` if persisting a change failed: the
@@ -280,26 +297,36 @@ class XenstoreServer:
         reader = PacketReader()
         recv_size = self.config.recv_size
         high, low = self.config.queue_high, self.config.queue_low
+        busy = 0  # recv() calls in a row that did not have to wait
         while True:
             if reader.buffered >= 16:
-                if not await self._process(client, reader) or client.broken:
+                status = await self._process(client, reader)
+                if status is _CLOSE or client.broken:
                     return
-                if self._must_wait(client, high):
-                    client.throttled = True
-                    while self._must_wait(client, low):
-                        await client.drained.park()
-                    client.throttled = False
-                    continue  # more complete requests may be buffered
+                if status is _THROTTLED:
+                    if self._must_wait(client, high):
+                        client.throttled = True
+                        while self._must_wait(client, low):
+                            await client.drained.park()
+                        client.throttled = False
+                    else:
+                        await _checkpoint()  # let other connections run
+                    continue  # complete requests are still buffered
             try:
                 data = sock.recv(recv_size)
             except BlockingIOError:
                 await _wait_readable(sock)
+                busy = 0
                 continue
             except OSError:
                 return
             if not data:
                 return
             reader.feed(data)
+            busy += 1
+            if busy >= 8:  # a client that always has more: be fair to the others
+                busy = 0
+                await _checkpoint()
 
     def _must_wait(self, client: _Client, threshold: int) -> bool:
         queue = client.queue
@@ -307,11 +334,12 @@ class XenstoreServer:
             return True
         return not client.conn.privileged and queue.replies >= self._outstanding_limit()
 
-    async def _process(self, client: _Client, reader: PacketReader) -> bool:
-        """Handle every complete packet the reader holds (or until throttled).
+    async def _process(self, client: _Client, reader: PacketReader) -> object:
+        """Handle every complete packet the reader holds, or until throttled.
 
-        Returns ``False`` if the connection must be closed (it broke the
-        framing, or persisting failed).
+        Returns ``_DONE`` (need more bytes), ``_THROTTLED`` (stopped at the
+        queue limit; requests remain) or ``_CLOSE`` (the peer broke the
+        framing, or persisting failed: close the connection).
         """
         conn = client.conn
         queue = client.queue
@@ -325,10 +353,10 @@ class XenstoreServer:
         own_events: list[tuple[int, bytes]] | None = None  # (replies before it, event)
         others: list[tuple[Any, Packet]] = []
         framing_error: ProtocolError | None = None
+        status = _DONE
         while True:
-            if queue.size + reply_bytes >= high:
-                break
-            if not privileged and queue.replies + len(replies) >= outstanding:
+            if queue.size + reply_bytes >= high or (not privileged and queue.replies + len(replies) >= outstanding):
+                status = _THROTTLED
                 break
             try:
                 packet = reader.next_packet()
@@ -366,7 +394,7 @@ class XenstoreServer:
         # Persist before anything of this batch can be sent (nothing awaited
         # since the engine changed the store, see the module docstring).
         if not self._commit_changes():
-            return False
+            return _CLOSE
         if self._power and self.state is not None and self._synced_frames < self.state.frames_written:
             await self._wait_durable(self.state.frames_written)
         if own_events is None:
@@ -387,8 +415,8 @@ class XenstoreServer:
         client.flush_nowait()
         if framing_error is not None:
             log.info("connection %d: %s; closing it", conn.id, framing_error)
-            return False
-        return True
+            return _CLOSE
+        return status
 
     # -- delivery and persistence ------------------------------------------
 

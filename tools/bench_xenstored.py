@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Benchmark our xenstored against another XenStore daemon, in the same run.
+
+    python3 tools/bench_xenstored.py                          # ours only
+    python3 tools/bench_xenstored.py --compare-socket PATH    # + a running daemon
+    python3 tools/bench_xenstored.py --compare-start SCRIPT   # + a daemon started by
+                                                              #   `SCRIPT SOCKET` (prints its pid last)
+
+Starts our daemon (``python -m xenstore.daemon.main -N``, default flags, i.e.
+persistent with --fsync process, on a temp socket and state dir) and prints
+one table: ops/s of READ, WRITE, DIRECTORY and a TRANSACTION_START + WRITE +
+TRANSACTION_END transaction, with 1 and 8 connections, one request at a
+time ("seq") and 32 in flight ("pipe32"); WRITE throughput with 10,000
+unrelated watches registered vs none; resident memory after writing 100,000
+nodes.  Columns: ours / theirs / ratio (ours/theirs; for memory, lower is
+better).  The client is stdlib + xenstore.wire; each connection runs in its
+own process so the client is not the bottleneck.  Everything written lives
+under /bench-* and is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from xenstore.wire import HEADER, Op  # noqa: E402
+
+KEYS = 100
+VALUE = b"v" * 8
+
+
+# -- a minimal blocking client ---------------------------------------------------
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.buf = bytearray()
+        self.req = 0
+
+    def request(self, op: int, payload: bytes, tx: int = 0) -> bytes:
+        self.req += 1
+        return HEADER.pack(op, self.req, tx, len(payload)) + payload
+
+    def replies(self, n: int) -> list[tuple[int, bytes]]:
+        """Read ``n`` replies (watch events are skipped)."""
+        out = []
+        buf = self.buf
+        recv = self.sock.recv
+        while len(out) < n:
+            while len(buf) < 16 or len(buf) < 16 + HEADER.unpack_from(buf)[3]:
+                chunk = recv(1 << 16)
+                if not chunk:
+                    raise ConnectionError("daemon closed the connection")
+                buf += chunk
+            op, _, _, length = HEADER.unpack_from(buf)
+            payload = bytes(buf[16 : 16 + length])
+            del buf[: 16 + length]
+            if op != Op.WATCH_EVENT:
+                out.append((op, payload))
+        return out
+
+    def call(self, op: int, payload: bytes, tx: int = 0) -> tuple[int, bytes]:
+        self.sock.sendall(self.request(op, payload, tx))
+        return self.replies(1)[0]
+
+    def pid_of_peer(self) -> int:
+        cred = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", cred)[0]
+
+
+def _key(base: bytes, i: int) -> bytes:
+    return base + b"/k%d\0" % (i % KEYS)
+
+
+def _run_ops(c: Client, phase: str, nops: int, depth: int, base: bytes) -> int:
+    """Run ``nops`` operations; returns the number of ERROR replies."""
+    errors = 0
+    done = 0
+    while done < nops:
+        n = min(depth, nops - done)
+        if phase == "tx":
+            c.sock.sendall(b"".join(c.request(Op.TRANSACTION_START, b"\0") for _ in range(n)))
+            ids = []
+            for op, payload in c.replies(n):
+                if op == Op.ERROR:
+                    errors += 1
+                else:
+                    ids.append(int(payload.rstrip(b"\0")))
+            reqs = []
+            for j, tx in enumerate(ids):
+                reqs.append(c.request(Op.WRITE, _key(base, done + j) + VALUE, tx))
+                reqs.append(c.request(Op.TRANSACTION_END, b"T\0", tx))
+            c.sock.sendall(b"".join(reqs))
+            errors += sum(op == Op.ERROR for op, _ in c.replies(2 * len(ids)))
+        else:
+            if phase == "read":
+                reqs = [c.request(Op.READ, _key(base, done + j)) for j in range(n)]
+            elif phase == "write":
+                reqs = [c.request(Op.WRITE, _key(base, done + j) + VALUE) for j in range(n)]
+            else:
+                reqs = [c.request(Op.DIRECTORY, base + b"\0") for _ in range(n)]
+            c.sock.sendall(b"".join(reqs) if n > 1 else reqs[0])
+            errors += sum(op == Op.ERROR for op, _ in c.replies(n))
+        done += n
+    return errors
+
+
+def _worker(path, phase, nops, depth, base, barrier, results):
+    try:
+        c = Client(path)
+        _run_ops(c, "write", KEYS, 32, base)  # the keys READ and TX use exist
+        barrier.wait()
+        start = time.perf_counter()
+        errors = _run_ops(c, phase, nops, depth, base)
+        results.put((time.perf_counter() - start, errors, None))
+    except Exception as exc:  # report instead of hanging the barrier
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+        results.put((0.0, 0, repr(exc)))
+
+
+def measure(path: str, phase: str, conns: int, depth: int, nops: int, tag: str) -> float:
+    """ops/s for ``phase`` over ``conns`` processes (``nops`` in total)."""
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(conns)
+    results = ctx.Queue()
+    per = max(1, nops // conns)
+    procs = [
+        ctx.Process(target=_worker, args=(path, phase, per, depth, b"/bench-%s/c%d" % (tag.encode(), i), barrier, results))
+        for i in range(conns)
+    ]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    failures = [e for _, _, e in got if e]
+    if failures:
+        raise RuntimeError(f"{phase}: {failures[0]}")
+    if any(errors for _, errors, _ in got):
+        raise RuntimeError(f"{phase}: {sum(e for _, e, _ in got)} ERROR replies")
+    return per * conns / max(t for t, _, _ in got)
+
+
+def measure_watches(path: str, nops: int, nwatches: int) -> float:
+    """WRITE ops/s (1 connection, seq) while ``nwatches`` unrelated watches exist."""
+    watcher = Client(path)
+    if nwatches:
+        reqs = [watcher.request(Op.WATCH, b"/bench-watched/w%d\0tok%d\0" % (i, i)) for i in range(nwatches)]
+        for i in range(0, len(reqs), 256):
+            watcher.sock.sendall(b"".join(reqs[i : i + 256]))
+            if any(op == Op.ERROR for op, _ in watcher.replies(min(256, len(reqs) - i))):
+                raise RuntimeError("WATCH failed (watch quota?)")
+    try:
+        return measure(path, "write", 1, 1, nops, "w%d" % nwatches)
+    finally:
+        watcher.sock.close()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def measure_memory(path: str, nodes: int) -> tuple[float, float]:
+    """(RSS MiB after writing ``nodes`` nodes, growth MiB)."""
+    c = Client(path)
+    pid = c.pid_of_peer()
+    before = rss_kib(pid)
+    for start in range(0, nodes, 500):
+        reqs = [c.request(Op.WRITE, b"/bench-mem/d%d/n%d\0value-%d" % (i // 1000, i, i)) for i in range(start, min(nodes, start + 500))]
+        c.sock.sendall(b"".join(reqs))
+        if any(op == Op.ERROR for op, _ in c.replies(len(reqs))):
+            raise RuntimeError("WRITE failed while filling memory")
+    time.sleep(0.2)
+    after = rss_kib(pid)
+    c.call(Op.RM, b"/bench-mem\0")
+    return after / 1024, (after - before) / 1024
+
+
+def cleanup(path: str) -> None:
+    c = Client(path)
+    op, payload = c.call(Op.DIRECTORY, b"/\0")
+    for name in payload.split(b"\0"):
+        if name.startswith(b"bench-"):
+            c.call(Op.RM, b"/" + name + b"\0")
+
+
+def run_suite(path: str, args) -> dict[str, float]:
+    res: dict[str, float] = {}
+    for phase in ("write", "read", "dir", "tx"):
+        for conns in (1, 8):
+            for depth in (1, 32):
+                label = f"{phase.upper():5} {conns} conn{'s' if conns > 1 else ' '} {'seq' if depth == 1 else 'pipe32'}"
+                res[label] = measure(path, phase, conns, depth, args.ops if depth == 1 else args.ops * 2, "p")
+                print(f"  {label:28} {res[label]:10,.0f} ops/s", file=sys.stderr, flush=True)
+    res["WRITE 1 conn seq, 0 watches"] = measure_watches(path, args.ops, 0)
+    res["WRITE 1 conn seq, 10k watches"] = measure_watches(path, args.ops, args.watches)
+    mem, growth = measure_memory(path, args.nodes)
+    res[f"RSS MiB after {args.nodes:,} nodes"] = mem
+    res[f"RSS growth MiB for {args.nodes:,} nodes"] = growth
+    cleanup(path)
+    return res
+
+
+# -- daemons ---------------------------------------------------------------------------
+
+
+def start_ours(tmp: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    path = os.path.join(tmp, "ours.sock")
+    env = dict(os.environ, XENSTORED_PATH=path)
+    cmd = [sys.executable, "-m", "xenstore.daemon.main", "-N", "--state-dir", os.path.join(tmp, "state"), *extra]
+    proc = subprocess.Popen(cmd, env=env)
+    _wait_socket(path, proc)
+    return proc, path
+
+
+def _wait_socket(path: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("daemon exited at start-up")
+        try:
+            Client(path).sock.close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on {path}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare-socket", metavar="PATH", help="socket of a running daemon to compare with")
+    p.add_argument("--compare-start", metavar="SCRIPT", help="start the daemon to compare with: `SCRIPT SOCKET` prints its pid last")
+    p.add_argument("--ops", type=int, default=20000, help="operations per seq measurement (pipe32 does twice as many)")
+    p.add_argument("--watches", type=int, default=10000)
+    p.add_argument("--nodes", type=int, default=100000)
+    p.add_argument("--ours-arg", action="append", default=[], help="extra flag for our daemon (repeatable)")
+    p.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
+    args = p.parse_args()
+    if args.quick:
+        args.ops, args.nodes = 2000, 10000
+    tmp = tempfile.mkdtemp(prefix="xsbench-", dir="/tmp")
+    theirs_pid = None
+    ours_proc = None
+    try:
+        ours_proc, ours_path = start_ours(tmp, args.ours_arg)
+        theirs_path = args.compare_socket
+        if args.compare_start:
+            theirs_path = os.path.join(tmp, "theirs.sock")
+            out = subprocess.run([args.compare_start, theirs_path], check=True, stdout=subprocess.PIPE, text=True).stdout
+            theirs_pid = int(out.split()[-1])
+            _wait_socket(theirs_path)
+        print("ours:", file=sys.stderr)
+        ours = run_suite(ours_path, args)
+        theirs = None
+        if theirs_path:
+            print("theirs:", file=sys.stderr)
+            theirs = run_suite(theirs_path, args)
+    finally:
+        if ours_proc is not None:
+            ours_proc.send_signal(signal.SIGTERM)
+            ours_proc.wait(10)
+        if theirs_pid is not None:
+            os.kill(theirs_pid, signal.SIGTERM)
+        subprocess.run(["rm", "-rf", tmp])
+    print(f"{'benchmark':40} {'ours':>12} {'theirs':>12} {'ratio':>7}")
+    for label, value in ours.items():
+        fmt = "{:12,.1f}" if "MiB" in label else "{:12,.0f}"
+        if theirs:
+            other = theirs[label]
+            print(f"{label:40} {fmt.format(value)} {fmt.format(other)} {value / other if other else float('nan'):7.2f}")
+        else:
+            print(f"{label:40} {fmt.format(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
