@@ -229,6 +229,9 @@ class HypervisorService:
         except (HvError, PortError) as exc:
             code = exc.err if isinstance(exc, HvError) else exc.errno
             return Reply(req.id, error=errno.errorcode.get(code, "EIO"), message=str(exc)), []
+        except Exception:  # a bug must not take every domain down with the service
+            log.exception("%r: %s failed", conn, req.op)
+            return Reply(req.id, error="EIO", message=f"internal error in {req.op}"), []
         return Reply(req.id, result=result, nfds=len(fds)), fds
 
     # -- domains -------------------------------------------------------------

@@ -104,6 +104,11 @@ async def test_guest_process_memory_grants_evtchn_and_death(hypervisor_socket, s
 
 
 async def test_read_only_grant_fd_refuses_writable_mmap(hypervisor_socket):
+    with trio.fail_after(20):
+        await _read_only_fd_check(hypervisor_socket)
+
+
+async def _read_only_fd_check(hypervisor_socket):
     async with open_hypervisor(hypervisor_socket) as dom0:
         ref = dom0.grant_access(0, 3, readonly=True)  # a grant to ourselves
         result, fds = await dom0._call("map_grants", domid=0, refs=[ref], readonly=True)
