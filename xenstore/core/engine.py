@@ -527,11 +527,28 @@ class Engine:
             limit = self.quota("nodes", conn.domid)
             if limit and overlay.owner_count(conn.domid) > limit:
                 raise _err("ENOSPC")
+        if not (tx.firings and self.watches.by_path):
+            overlay.commit()
+            return OK
+        # cxenstored fires once per node the transaction changed, in order
+        # of first change; "exact" (subtree-removal) only if every change of
+        # that node was; nothing for a node that neither existed before nor
+        # exists after the commit.
+        merged: dict[str, list] = {}
+        for path, exact, extra in tx.firings:
+            m = merged.get(path)
+            if m is None:
+                merged[path] = [exact, extra]
+            else:
+                m[0] = m[0] and exact
+                m[1] = m[1] + extra
+        nodes = self.store.nodes
+        existed = {path for path in merged if path in nodes}
         overlay.commit()
-        if tx.firings and self.watches.by_path:
-            fire = self.watches.fire
-            out = self._out
-            for path, exact, extra in tx.firings:
+        fire = self.watches.fire
+        out = self._out
+        for path, (exact, extra) in merged.items():
+            if path in existed or path in nodes:
                 fire(path, exact, lambda: self._visible_perms(path, extra), out)
         return OK
 

@@ -213,23 +213,22 @@ class Overlay:
 
     ``nodes`` holds the transaction's own versions (``None`` = deleted in the
     transaction).  ``seen`` records, for every live node the transaction
-    looked at, its generation (``None`` = absent) at first access; the commit
-    fails if any of them differs in the live store by then.  A live node
-    first seen with a generation newer than the transaction's start means the
-    transaction's snapshot is already stale there: it is ``doomed`` (EAGAIN at
-    commit), which keeps the view of a committing transaction a consistent
-    snapshot.
+    looked at, its generation (``None`` = absent) at *first access* -- like
+    cxenstored, a node the transaction has not touched yet is read from the
+    live store.  The commit fails if any recorded node changed in the live
+    store since (optimistic concurrency control validated at commit: a
+    committed transaction read values that were all still current when it
+    committed).  A transaction whose recorded nodes changed can see a view
+    mixing old and new state; it can never commit.
     """
 
-    __slots__ = ("live", "nodes", "seen", "ops", "start_generation", "doomed", "owner_delta", "max_seen")
+    __slots__ = ("live", "nodes", "seen", "ops", "owner_delta", "max_seen")
 
     def __init__(self, live: Store, max_seen: int = 0) -> None:
         self.live = live
         self.nodes: dict[str, Node | None] = {}
         self.seen: dict[str, int | None] = {}
         self.ops: list[tuple] = []  # ("set", path, value, Perms) | ("rm", path)
-        self.start_generation = live.generation
-        self.doomed = False
         self.owner_delta: dict[int, int] = {}
         #: transaction-nodes quota (0 = unlimited); ENOSPC when exceeded.
         self.max_seen = max_seen
@@ -242,16 +241,15 @@ class Overlay:
         if path not in self.seen:
             if self.max_seen and len(self.seen) >= self.max_seen:
                 raise XenStoreError("ENOSPC")
-            if node is None:
-                self.seen[path] = None
-            else:
-                self.seen[path] = node.generation
-                if node.generation > self.start_generation:
-                    self.doomed = True
+            self.seen[path] = None if node is None else node.generation
         return node
 
-    def _own(self, path: str, node: Node) -> Node:
+    def _own(self, path: str, node: Node | None) -> Node:
         """The transaction's private, mutable copy of a node it sees."""
+        if node is None:
+            # Only reachable when the live tree moved under this transaction
+            # (it will fail at commit anyway).
+            raise XenStoreError("EAGAIN")
         mine = self.nodes.get(path)
         if mine is None:
             mine = self.nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
@@ -301,7 +299,7 @@ class Overlay:
         stack = [(path, self.get(path), False)]
         while stack:
             p, n, expanded = stack.pop()
-            if n is None:  # the live tree moved under a doomed transaction
+            if n is None:  # the live tree moved under this transaction (it cannot commit)
                 continue
             if expanded or not n.children:
                 out.append((p, n))
@@ -318,8 +316,6 @@ class Overlay:
 
     def conflicts(self) -> bool:
         """True if committing now would break isolation (-> EAGAIN)."""
-        if self.doomed:
-            return True
         live = self.live.nodes
         for path, gen in self.seen.items():
             node = live.get(path)
