@@ -67,6 +67,7 @@ VIRQ_DOM_EXC = 3
 
 # Written as-is on every notify: prebuilt so notify() allocates nothing.
 _ONE = (1).to_bytes(8, "little")
+_write = os.write  # bound once: notify() is the hot path
 
 
 class PeerClosedError(trio.BrokenResourceError):
@@ -166,7 +167,7 @@ class EventChannel:
     def notify(self) -> None:
         """Set the peer port pending: exactly one ``write(2)``, never blocks."""
         try:
-            os.write(self._notify_fd, _ONE)
+            _write(self._notify_fd, _ONE)
         except OSError as exc:
             if self._closed:
                 raise trio.ClosedResourceError("event channel is closed") from None

@@ -43,7 +43,7 @@ __all__ = [
     "GTF_invalid", "GTF_permit_access", "GTF_accept_transfer", "GTF_transitive",
     "GTF_type_mask", "GTF_readonly", "GTF_reading", "GTF_writing",
     "GNTST_okay", "GNTST_general_error", "GNTST_bad_domain", "GNTST_bad_gntref",
-    "GNTST_bad_handle", "GNTST_permission_denied", "GNTST_bad_page",
+    "GNTST_bad_handle", "GNTST_no_device_space", "GNTST_permission_denied", "GNTST_bad_page",
     "GNTST_bad_copy_arg", "GNTST_eagain",
     "GNTTAB_NR_RESERVED_ENTRIES", "GNTTAB_RESERVED_CONSOLE", "GNTTAB_RESERVED_XENSTORE",
     "ENTRY_SIZE", "ENTRIES_PER_FRAME",
@@ -67,6 +67,7 @@ GNTST_general_error = -1
 GNTST_bad_domain = -2
 GNTST_bad_gntref = -3
 GNTST_bad_handle = -4
+GNTST_no_device_space = -7
 GNTST_permission_denied = -8
 GNTST_bad_page = -9
 GNTST_bad_copy_arg = -10
@@ -226,9 +227,12 @@ class GrantAuthority:
     Linux gntdev); the caller turns it into a file descriptor + offsets.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_maps_per_domain: int = 4096) -> None:
         self._granters: dict[int, _Granter] = {}
         self._mappings: dict[int, _Mapping] = {}
+        self._maps_by_mapper: dict[int, int] = {}
+        #: like Xen's maptrack table size: live map handles one domain may hold
+        self.max_maps_per_domain = max_maps_per_domain
         self._next_handle = 1
 
     # -- domains ---------------------------------------------------------
@@ -272,6 +276,8 @@ class GrantAuthority:
             raise GrantError(GNTST_bad_domain, f"domain {granter_id}")
         if not refs:
             raise GrantError(GNTST_general_error, "no refs")
+        if self._maps_by_mapper.get(mapper, 0) >= self.max_maps_per_domain:
+            raise GrantError(GNTST_no_device_space, f"domain {mapper} holds too many mappings")
         frames = []
         for ref in refs:
             if not 0 <= ref < granter.table.nr_entries:
@@ -290,6 +296,7 @@ class GrantAuthority:
         handle = self._next_handle
         self._next_handle += 1
         self._mappings[handle] = _Mapping(mapper, granter_id, refs, readonly)
+        self._maps_by_mapper[mapper] = self._maps_by_mapper.get(mapper, 0) + 1
         return handle, frames
 
     def mapper_of(self, handle: int) -> int | None:
@@ -302,6 +309,9 @@ class GrantAuthority:
         if mapping is None or mapping.mapper != mapper:
             raise GrantError(GNTST_bad_handle, f"handle {handle}")
         del self._mappings[handle]
+        self._maps_by_mapper[mapper] -= 1
+        if not self._maps_by_mapper[mapper]:
+            del self._maps_by_mapper[mapper]
         granter = self._granters.get(mapping.granter)
         if granter is None:
             return mapping.granter

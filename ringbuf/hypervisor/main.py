@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -40,8 +41,16 @@ async def _run(args: argparse.Namespace) -> None:
                 break
 
 
+def _raise_fd_limit() -> None:
+    # Every port costs up to two eventfds and every domain two memory files.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _raise_fd_limit()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="uxen-hypervisor: %(levelname)s %(message)s")
     trio.run(_run, args)

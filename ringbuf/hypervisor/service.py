@@ -65,6 +65,11 @@ class ServiceLimits:
     max_grant_frames: int = 64
     #: queued outgoing messages per connection before it is dropped
     max_queued: int = 256
+    #: event-channel ports per domain (libxl's default max_event_channels);
+    #: each port costs the service up to two eventfds
+    max_ports: int = 1024
+    #: live grant mappings per domain (Xen's maptrack limit)
+    max_maps: int = 4096
 
 
 class _Connection:
@@ -102,8 +107,8 @@ class HypervisorService:
     def __init__(self, limits: ServiceLimits = ServiceLimits()) -> None:
         self.limits = limits
         self.domains = DomainTable()
-        self.grants = GrantAuthority()
-        self.ports = PortTable(new_eventfd)
+        self.grants = GrantAuthority(limits.max_maps)
+        self.ports = PortTable(new_eventfd, limits.max_ports)
         self._files: dict[int, _DomainFiles] = {}
         self._handles: dict[int, _Connection] = {}  # grant map handle → owner
         self._transient_fds: list[int] = []  # closed once the current reply is queued

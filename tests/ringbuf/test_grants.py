@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from ringbuf.grants import (
-    ENTRIES_PER_FRAME, GNTST_bad_copy_arg, GNTST_bad_domain, GNTST_bad_gntref, GNTST_bad_handle,
+    ENTRIES_PER_FRAME, GNTST_no_device_space, GNTST_bad_copy_arg, GNTST_bad_domain, GNTST_bad_gntref, GNTST_bad_handle,
     GNTST_bad_page, GNTST_eagain, GNTST_general_error, GNTST_okay, GNTST_permission_denied,
     GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing, CopySegment, CopySide, GrantAuthority,
     GrantEntry, GrantError, GrantRefAllocator, GrantTableView, check_map_entry,
@@ -261,3 +261,16 @@ TestGrantAuthority = GrantAuthorityMachine.TestCase
 def test_check_map_entry_matches_rules(flags, domid, mapper, readonly):
     ok = flags & 3 == GTF_permit_access and domid == mapper and (readonly or not flags & GTF_readonly)
     assert (check_map_entry(GrantEntry(flags, domid, 0), mapper, readonly) == GNTST_okay) == ok
+
+
+def test_maptrack_limit_per_mapper():
+    auth = GrantAuthority(max_maps_per_domain=2)
+    table, mem = bytearray(16 * 8), bytearray(PAGE_SIZE)
+    auth.add_domain(1, table, mem)
+    GrantTableView(table).write(8, 2, 0, GTF_permit_access)
+    handles = [auth.map(2, 1, [8], readonly=True)[0] for _ in range(2)]
+    with pytest.raises(GrantError) as err:
+        auth.map(2, 1, [8], readonly=True)
+    assert err.value.status == GNTST_no_device_space
+    auth.unmap(2, handles[0])
+    auth.map(2, 1, [8], readonly=True)
