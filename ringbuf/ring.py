@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from ._barrier import make_full_barrier
 
@@ -183,12 +183,30 @@ class _Producer:
         self.barrier = make_full_barrier()
 
     def put(self, entry: Entry) -> None:
-        data = _entry_bytes(entry)
-        if data.nbytes > self.shared.entry_size:
-            raise ValueError(f"entry of {data.nbytes} bytes does not fit a {self.shared.entry_size}-byte slot")
-        off = self.shared.slot_offset(self.pvt)
-        self.shared.mem[off : off + data.nbytes] = data
+        data = entry if type(entry) is bytes else _entry_bytes(entry)
+        shared = self.shared
+        if len(data) > shared.entry_size:
+            raise ValueError(f"entry of {len(data)} bytes does not fit a {shared.entry_size}-byte slot")
+        off = SRING_HEADER_SIZE + (self.pvt & shared.mask) * shared.entry_size
+        shared.mem[off : off + len(data)] = data
         self.pvt = (self.pvt + 1) & RING_IDX_MASK
+
+    def put_many(self, entries: Sequence[Entry]) -> int:
+        """Fill consecutive slots, one copy per entry, with the loop kept tight."""
+        shared = self.shared
+        mem = shared.mem
+        size = shared.entry_size
+        mask = shared.mask
+        index = self.pvt
+        for entry in entries:
+            data = entry if type(entry) is bytes else _entry_bytes(entry)
+            if len(data) > size:
+                raise ValueError(f"entry of {len(data)} bytes does not fit a {size}-byte slot")
+            off = SRING_HEADER_SIZE + (index & mask) * size
+            mem[off : off + len(data)] = data
+            index += 1
+        self.pvt = index & RING_IDX_MASK
+        return len(entries)
 
     def put_raw(self, data: bytes | bytearray | memoryview) -> int:
         """Fill ``len(data) // entry_size`` consecutive slots with at most two copies."""
@@ -336,9 +354,16 @@ class FrontRing(Generic[Req, Rsp]):
 
     def put_request(self, request: Entry) -> None:
         """Queue one request (not yet visible to the backend until push)."""
-        if self.free_requests() == 0:
+        requests = self._requests
+        if (requests.pvt - self._responses.cons) & RING_IDX_MASK >= self.nr_ents:
             raise RingFullError(f"{self.types.name} ring full: {self.nr_ents} requests outstanding")
-        self._requests.put(request)
+        requests.put(request)
+
+    def put_requests(self, requests: Sequence[Entry]) -> int:
+        """Queue several requests (each copied into its slot); cheaper than a loop of put_request."""
+        if len(requests) > self.free_requests():
+            raise RingFullError(f"{self.types.name} ring: {len(requests)} requests, {self.free_requests()} free slots")
+        return self._requests.put_many(requests)
 
     def put_raw_requests(self, data: bytes | bytearray | memoryview) -> int:
         """Queue ``len(data) // entry_size`` requests given as packed entries."""
@@ -413,6 +438,11 @@ class BackRing(Generic[Req, Rsp]):
         if self.pending_responses() == 0:
             raise RingFullError(f"{self.types.name} ring: response without a consumed request")
         self._responses.put(response)
+
+    def put_responses(self, responses: Sequence[Entry]) -> int:
+        if len(responses) > self.pending_responses():
+            raise RingFullError(f"{self.types.name} ring: more responses than consumed requests")
+        return self._responses.put_many(responses)
 
     def put_raw_responses(self, data: bytes | bytearray | memoryview) -> int:
         if len(data) > self.pending_responses() * self.shared.entry_size:
