@@ -346,6 +346,20 @@ class GrantAuthority:
             flags |= GTF_writing
         granter.table.set_flags(ref, flags)
 
+    # -- toolstack ---------------------------------------------------------
+
+    def seed(self, granter_id: int, ref: int, grantee: int, frame: int, readonly: bool) -> None:
+        """Fill an entry on the granter's behalf (the toolstack pre-filling
+        the reserved console/xenstore refs, like ``xc_dom_gnttab_seed``)."""
+        granter = self._granters[granter_id]
+        if not 0 <= ref < granter.table.nr_entries:
+            raise GrantError(GNTST_bad_gntref, f"ref {ref}")
+        if not 0 <= frame < granter.nr_pages:
+            raise GrantError(GNTST_bad_page, f"frame {frame}")
+        if ref in granter.active:
+            raise GrantError(GNTST_eagain, f"ref {ref} is mapped")
+        granter.table.write(ref, grantee, frame, GTF_permit_access | (GTF_readonly if readonly else 0))
+
     # -- revoke ----------------------------------------------------------
 
     def end_access(self, granter_id: int, ref: int) -> None:

@@ -27,14 +27,13 @@ import errno
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import trio
 
 from ..evtchn import VIRQ_DOM_EXC, new_eventfd
-from ..grants import (GNTST_bad_handle, GNTST_eagain, GTF_permit_access, GTF_readonly, CopySegment,
-                      CopySide, GrantAuthority, GrantError, GrantTableView)
+from ..grants import GNTST_bad_handle, CopySegment, CopySide, GrantAuthority, GrantError
 from ..memory import DomainMemory
 from . import protocol
 from .domains import DOMID_FIRST_RESERVED, DOMID_SELF, Domain, DomainTable
@@ -380,17 +379,7 @@ class HypervisorService:
     def _op_seed_grant(self, conn: _Connection, args: dict) -> tuple[Any, list[int]]:
         """Toolstack pre-fills a reserved ref of a guest (xc_dom_gnttab_seed)."""
         dom = self._existing(args["domid"])
-        files = self._files[dom.domid]
-        if self.grants.is_mapped(dom.domid, args["ref"]):
-            raise GrantError(GNTST_eagain, f"ref {args['ref']} is mapped")
-        table = GrantTableView(files.gnttab.buffer)
-        try:
-            if not 0 <= args["ref"] < table.nr_entries or args["gfn"] >= dom.nr_pages:
-                raise HvError(errno.EINVAL, "ref or gfn out of range")
-            flags = GTF_permit_access | (GTF_readonly if args["readonly"] else 0)
-            table.write(args["ref"], args["grantee"], args["gfn"], flags)
-        finally:
-            table.release()
+        self.grants.seed(dom.domid, args["ref"], args["grantee"], args["gfn"], args["readonly"])
         return None, []
 
     def _op_end_access(self, conn: _Connection, args: dict) -> tuple[Any, list[int]]:
