@@ -12,7 +12,7 @@ import logging.handlers
 import os
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -261,61 +261,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_fd = None if foreground else _daemonize()
     _setup_logging(args.verbose, foreground)
 
-    def fail(message: str) -> int:
-        log.error("%s", message)
+    def report(message: str) -> None:
+        """Tell the waiting parent (fork mode) how start-up went."""
+        nonlocal report_fd
         if report_fd is not None:
-            os.write(report_fd, f"error xenstored: {message}\n".encode())
+            os.write(report_fd, message.encode())
             os.close(report_fd)
-        elif not foreground:
-            pass
-        return 1
+            report_fd = None
+
+    pid_written = False
+
+    def ready() -> None:
+        nonlocal pid_written
+        pid = os.getpid()
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write(f"{pid}\n")
+            pid_written = True
+        if foreground and args.output_pid:
+            print(pid, flush=True)
+        report(f"ok {pid if args.output_pid else ''}\n")
+        log.info("serving %s (%s)", socket_path, "in memory" if state is None else f"state in {state.path}")
 
     socket_path = default_socket_path()
     state: StateDir | None = None
     tracer: Tracer | None = None
+    status = 0
     try:
         limits = limits_from_args(args)
         if args.internal_db == "off":
             state = StateDir(args.state_dir, FsyncPolicy(args.fsync), compact_bytes=args.journal_max)
         engine = restore_engine(limits, state, strict=args.no_recovery)
         tracer = Tracer(args.trace_file) if args.trace_file else None
-        listener = open_listener(socket_path)
+        server = XenstoreServer(
+            engine,
+            state=state,
+            tracer=tracer,
+            config=ServerConfig(),
+            outstanding_limit=lambda: _outstanding(limits),
+        )
+        trio.run(_run, server, socket_path, tracer, ready)
     except (OSError, ValueError, JournalError) as exc:
-        if state is not None:
-            state.close()
-        return fail(str(exc))
-
-    pid = os.getpid()
-    if args.pid_file:
-        with open(args.pid_file, "w") as f:
-            f.write(f"{pid}\n")
-    if report_fd is not None:
-        os.write(report_fd, f"ok {pid if args.output_pid else ''}\n".encode())
-        os.close(report_fd)
-    elif args.output_pid:
-        print(pid, flush=True)
-    log.info("serving %s (%s)", socket_path, "in memory" if state is None else f"state in {state.path}")
-
-    server = XenstoreServer(
-        engine,
-        state=state,
-        tracer=tracer,
-        config=ServerConfig(),
-        outstanding_limit=lambda: _outstanding(limits),
-    )
-    status = 0
-    try:
-        trio.run(_run, server, listener, tracer)
-    except JournalError as exc:
-        log.critical("stopping: %s", exc)
+        log.error("%s", exc)
+        report(f"error xenstored: {exc}\n")
         status = 1
     finally:
-        listener.close()
         if state is not None:
             state.close()
         if tracer is not None:
             tracer.close()
-        if args.pid_file:
+        if pid_written:
             try:
                 os.unlink(args.pid_file)
             except OSError:
@@ -329,22 +324,29 @@ def _outstanding(limits: Any) -> int:
     return value if value > 0 else 1 << 30  # 0 disables the check
 
 
-async def _run(server: XenstoreServer, listener: Listener, tracer: Tracer | None) -> None:
+async def _run(server: XenstoreServer, socket_path: str, tracer: Tracer | None, ready: Callable[[], None]) -> None:
+    # Signals are caught before the socket exists: whoever sees the socket
+    # can stop the daemon cleanly.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, listener)
+        listener = open_listener(socket_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listener)
+                ready()
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        if tracer is not None:
-                            tracer.reopen()
-                        continue
-                    log.info("signal %d: shutting down", signum)
-                    nursery.cancel_scope.cancel()
-                    return
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            if tracer is not None:
+                                tracer.reopen()
+                            continue
+                        log.info("signal %d: shutting down", signum)
+                        nursery.cancel_scope.cancel()
+                        return
 
-            nursery.start_soon(watch_signals)
+                nursery.start_soon(watch_signals)
+        finally:
+            listener.close()
     if server.fatal_error is not None:
         raise server.fatal_error
 
