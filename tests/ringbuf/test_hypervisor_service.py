@@ -10,9 +10,11 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import sys
 
 import pytest
 import trio
+import trio.testing
 
 from ringbuf import (PAGE_SIZE, VIRQ_DOM_EXC, CopySegment, CopySide, GrantError, HypervisorError,
                      PeerClosedError, open_hypervisor)
@@ -91,11 +93,17 @@ async def test_guest_process_memory_grants_evtchn_and_death(hypervisor_socket, s
             chan.notify()
             assert await _readline(proc) == "from dom0!!"
 
-            # kill the guest: VIRQ_DOM_EXC, peer closed, domain dying while mapped
-            proc.kill()
-            await virq.wait()
-            with pytest.raises(PeerClosedError):
-                await chan.wait()
+            # kill the guest: a blocked waiter wakes with PeerClosedError,
+            # VIRQ_DOM_EXC fires, the domain stays dying while we map its page
+            async def expect_peer_closed():
+                with pytest.raises(PeerClosedError):
+                    await chan.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(expect_peer_closed)
+                await trio.testing.wait_all_tasks_blocked()
+                proc.kill()
+                await virq.wait()
             info = await dom0.domain_info(domid)
             assert info is not None and info.dying
             await dom0.unmap_grants(rw)
@@ -279,3 +287,33 @@ async def test_toolstack_seeds_xenstore_grant_and_port(hypervisor_socket):
                 dom0_chan.notify()
                 await guest_chan.wait()
                 await dom0.unmap_grants(store)
+
+
+async def test_service_death_does_not_leave_waiters_hanging(tmp_path):
+    path = str(tmp_path / "hv.sock")
+    ready_r, ready_w = os.pipe()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", path, "--ready-fd", str(ready_w)],
+        pass_fds=[ready_w])
+    os.close(ready_w)
+    try:
+        with trio.fail_after(20):
+            assert await trio.to_thread.run_sync(os.read, ready_r, 1) == b"1"
+            async with open_hypervisor(path) as dom0:
+                chan = await dom0.alloc_unbound(0)
+
+                async def expect_peer_closed():
+                    with pytest.raises(PeerClosedError):
+                        await chan.wait()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(expect_peer_closed)
+                    await trio.testing.wait_all_tasks_blocked()
+                    proc.kill()
+                with pytest.raises(HypervisorError) as err:
+                    await dom0.domain_info()
+                assert err.value.code == "EPIPE"
+    finally:
+        os.close(ready_r)
+        proc.kill()
+        await proc.wait()
