@@ -152,9 +152,12 @@ class Engine:
                 raise _err("E2BIG")
         except XenStoreError as e:
             out.append((conn, packet.error_reply(e.name)))
+            if self._after:
+                self._after = []
             return out
         except Exception:  # a bug must not take the daemon down with it
             out.append((conn, packet.error_reply("EIO")))
+            self._after = []
             return out
         out.append((conn, Packet(packet.op, packet.req_id, packet.tx_id, payload)))
         if self._after:
@@ -594,10 +597,13 @@ class Engine:
         return domid
 
     def _release(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        self._destroy_domain(self._domain_arg(packet))
+        domid = self._domain_arg(packet)
+        # cxenstored fires @releaseDomain from the domain's destructor, which
+        # runs after the OK is queued; the node removal events come before.
+        self._destroy_domain(domid, self._after)
         return OK
 
-    def _destroy_domain(self, domid: int) -> None:
+    def _destroy_domain(self, domid: int, release_out: list | None = None) -> None:
         """cxenstored destroy_domain: drop the domain's connections' watches
         and transactions, delete every node it owns (RM-style events),
         forget it, fire @releaseDomain."""
@@ -623,7 +629,8 @@ class Engine:
             if c.target == domid:
                 c.target = None
         self._effects.append(Released(domid))
-        self.watches.fire_special("@releaseDomain", self.domains.release_perms, self._out)
+        out = self._out if release_out is None else release_out
+        self.watches.fire_special("@releaseDomain", self.domains.release_perms, out)
 
     def _is_domain_introduced(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
         domid = c_atoi(_onearg(packet.payload))
