@@ -35,7 +35,7 @@ of it even for a mapper that tries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Callable, Hashable, Iterable, NamedTuple
 
 from .memory import PAGE_SIZE
 
@@ -47,7 +47,7 @@ __all__ = [
     "GNTST_bad_copy_arg", "GNTST_eagain",
     "GNTTAB_NR_RESERVED_ENTRIES", "GNTTAB_RESERVED_CONSOLE", "GNTTAB_RESERVED_XENSTORE",
     "ENTRY_SIZE", "ENTRIES_PER_FRAME",
-    "GrantEntry", "GrantError", "GrantTableView", "GrantRefAllocator",
+    "GrantEntry", "GrantError", "GrantTableView", "GrantRefAllocator", "RefBlocks",
     "CopySide", "CopySegment", "GrantAuthority", "check_map_entry",
 ]
 
@@ -150,22 +150,27 @@ class GrantTableView:
 
 
 class GrantRefAllocator:
-    """Granter-side allocator of free refs (8 and up; 0..7 are reserved)."""
+    """Granter-side allocator of free refs, drawn from the ranges this
+    connection owns (see :class:`RefBlocks`); refs 0..7 are never included."""
 
-    def __init__(self, nr_entries: int) -> None:
-        self._next = GNTTAB_NR_RESERVED_ENTRIES
-        self._limit = nr_entries
+    def __init__(self, ranges: Iterable[range] = ()) -> None:
         self._free: list[int] = []
         self._used: set[int] = set()
+        for refs in ranges:
+            self.add(refs)
+
+    def add(self, refs: range) -> None:
+        """Take ownership of more refs."""
+        self._free.extend(reversed([r for r in refs if r >= GNTTAB_NR_RESERVED_ENTRIES]))
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
 
     def alloc(self) -> int:
-        if self._free:
-            ref = self._free.pop()
-        elif self._next < self._limit:
-            ref = self._next
-            self._next += 1
-        else:
-            raise GrantError(GNTST_general_error, "grant table full")
+        if not self._free:
+            raise GrantError(GNTST_no_device_space, "no free grant refs (reserve more)")
+        ref = self._free.pop()
         self._used.add(ref)
         return ref
 
@@ -174,6 +179,43 @@ class GrantRefAllocator:
             raise ValueError(f"grant ref {ref} is not allocated")
         self._used.remove(ref)
         self._free.append(ref)
+
+
+class RefBlocks:
+    """The service's split of one domain's grant refs between its connections.
+
+    Several processes of one domain (dom0's toolstack, backends, frontends)
+    write the same grant table; each connection allocates only from blocks
+    the service gave it, so two processes never pick the same ref.  A guest's
+    single connection simply owns one block covering the whole table.  Pure.
+    """
+
+    def __init__(self, nr_entries: int, block_size: int) -> None:
+        first = GNTTAB_NR_RESERVED_ENTRIES
+        self._free = [range(start, min(start + block_size, nr_entries))
+                      for start in range(first, nr_entries, block_size)]
+        self._owned: dict[Hashable, list[range]] = {}
+
+    def claim(self, owner: Hashable, count: int = 1) -> list[range]:
+        """Blocks totalling at least ``count`` refs (fewer if the table runs out)."""
+        got: list[range] = []
+        while self._free and sum(len(r) for r in got) < count:
+            got.append(self._free.pop(0))
+        self._owned.setdefault(owner, []).extend(got)
+        return got
+
+    def claim_all(self, owner: Hashable) -> list[range]:
+        return self.claim(owner, 1 << 32)
+
+    def release(self, owner: Hashable, in_use: Callable[[int], bool]) -> list[range]:
+        """Take back an owner's blocks; returns them.  A block with a ref
+        still in use (mapped by a peer) is retired instead of reused."""
+        blocks = self._owned.pop(owner, [])
+        for refs in blocks:
+            if not any(in_use(r) for r in refs):
+                self._free.append(refs)
+        self._free.sort(key=lambda r: r.start)
+        return blocks
 
 
 def check_map_entry(entry: GrantEntry, mapper: int, readonly: bool) -> int:
@@ -370,6 +412,16 @@ class GrantAuthority:
         if ref in granter.active:
             raise GrantError(GNTST_eagain, f"ref {ref} is mapped")
         granter.table.set_flags(ref, 0)
+
+    def revoke_unmapped(self, granter_id: int, refs: Iterable[int]) -> None:
+        """Clear the entries among ``refs`` that nobody maps (a granting
+        process went away; what is still mapped stays until unmapped)."""
+        granter = self._granters.get(granter_id)
+        if granter is None:
+            return
+        for ref in refs:
+            if 0 <= ref < granter.table.nr_entries and ref not in granter.active:
+                granter.table.set_flags(ref, 0)
 
     # -- copy ------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Sequence
 import trio
 
 from ..evtchn import EventChannel
-from ..grants import (GNTTAB_NR_RESERVED_ENTRIES, GTF_permit_access, GTF_readonly, CopySegment,
+from ..grants import (GNTST_no_device_space, GNTTAB_NR_RESERVED_ENTRIES, GTF_permit_access, GTF_readonly, CopySegment,
                       GrantError, GrantRefAllocator, GrantTableView)
 from ..memory import DomainMemory
 from . import protocol
@@ -98,7 +98,7 @@ class HypervisorClient:
             close_fds(fds)
             raise
         self.grant_table = GrantTableView(self._gnttab.buffer)
-        self._refs = GrantRefAllocator(self.grant_table.nr_entries)
+        self._refs = GrantRefAllocator(range(start, stop) for start, stop in result["refs"])
 
     async def _read_loop(self) -> None:
         reason = "connection to the hypervisor service closed"
@@ -233,12 +233,32 @@ class HypervisorClient:
     def grant_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
         """Grant ``domid`` access to our frame ``gfn``; returns the ref.
 
-        Local only: the entry is written into our own grant table."""
+        Local only: the entry is written into our own grant table, with a ref
+        from the ones this connection owns (GrantError if none is left: see
+        :meth:`reserve_grant_refs`)."""
         if not 0 <= gfn < self.memory.nr_pages:
             raise ValueError(f"frame {gfn} outside our memory")
         ref = self._refs.alloc()  # type: ignore[union-attr]
         self.grant_table.write(ref, domid, gfn, GTF_permit_access | (GTF_readonly if readonly else 0))
         return ref
+
+    @property
+    def free_grant_refs(self) -> int:
+        """Refs :meth:`grant_access` can still hand out without :meth:`reserve_grant_refs`."""
+        return self._refs.available  # type: ignore[union-attr]
+
+    async def reserve_grant_refs(self, count: int) -> None:
+        """Make sure at least ``count`` refs are free for :meth:`grant_access`.
+
+        The service splits a domain's refs between its connections (several
+        dom0 processes share dom0's table); a guest's own connection already
+        owns its whole table."""
+        missing = count - self._refs.available  # type: ignore[union-attr]
+        if missing > 0:
+            for start, stop in await self._call_no_fds("reserve_refs", count=missing):
+                self._refs.add(range(start, stop))  # type: ignore[union-attr]
+            if self._refs.available < count:  # type: ignore[union-attr]
+                raise GrantError(GNTST_no_device_space, "grant table exhausted")
 
     async def end_access(self, ref: int) -> None:
         """Revoke a grant; GrantError(GNTST_eagain) while it is mapped."""

@@ -56,6 +56,7 @@ OPS: dict[str, dict[str, str]] = {
     "shutdown": {"reason": _INT},
     "foreign_memory": {"domid": _INT},
     "seed_grant": {"domid": _INT, "ref": _INT, "grantee": _INT, "gfn": _INT, "readonly": _BOOL},
+    "reserve_refs": {"count": _INT},
     "end_access": {"ref": _INT},
     "map_grants": {"domid": _INT, "refs": _INTS, "readonly": _BOOL},
     "unmap_grants": {"handle": _INT},

@@ -28,12 +28,13 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import trio
 
 from ..evtchn import VIRQ_DOM_EXC, new_eventfd
-from ..grants import GNTST_bad_handle, CopySegment, CopySide, GrantAuthority, GrantError
+from ..grants import (ENTRIES_PER_FRAME, GNTST_bad_handle, CopySegment, CopySide, GrantAuthority,
+                      GrantError, RefBlocks)
 from ..memory import DomainMemory
 from . import protocol
 from .domains import DOMID_FIRST_RESERVED, DOMID_SELF, Domain, DomainTable
@@ -59,7 +60,7 @@ class HvError(Exception):
 @dataclass(frozen=True)
 class ServiceLimits:
     dom0_pages: int = 256
-    dom0_grant_frames: int = 4
+    dom0_grant_frames: int = 16
     max_domain_pages: int = 1 << 18  # 1 GiB
     max_grant_frames: int = 64
     #: queued outgoing messages per connection before it is dropped
@@ -69,6 +70,9 @@ class ServiceLimits:
     max_ports: int = 1024
     #: live grant mappings per domain (Xen's maptrack limit)
     max_maps: int = 4096
+    #: grant refs handed to a dom0 connection at a time (a guest's single
+    #: connection owns its whole table)
+    ref_block: int = 256
 
 
 class _Connection:
@@ -87,6 +91,7 @@ class _Connection:
 class _DomainFiles:
     memory: DomainMemory
     gnttab: DomainMemory
+    ref_blocks: RefBlocks
     ro_fd: int | None = None
 
     def readonly_fd(self) -> int:
@@ -160,7 +165,10 @@ class HypervisorService:
                 await self._read_loop(conn)
                 nursery.cancel_scope.cancel()
         finally:
-            self._connection_lost(conn)
+            try:
+                self._connection_lost(conn)
+            except Exception:  # a cleanup bug must not stop the service
+                log.exception("%r: cleanup failed", conn)
             conn.sock.close()
             # fds still queued for this peer were dups made for it
             while True:
@@ -174,8 +182,10 @@ class HypervisorService:
         while not conn.lost:
             try:
                 data, fds = await recv_packet(conn.sock)
+                # Clients never send descriptors; decode() rejects a request
+                # that came with some, and we must not keep them either way.
+                close_fds(fds)
                 if not data:
-                    close_fds(fds)
                     return
                 msg = protocol.decode(data, len(fds))
             except (ProtocolError, OSError) as exc:
@@ -199,7 +209,7 @@ class HypervisorService:
             finally:
                 close_fds(fds)
 
-    def _send(self, conn: _Connection, msg: Reply | Notice, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    def _send(self, conn: _Connection, msg: Reply | Notice, fds: Sequence[int] = ()) -> None:
         if conn.lost:
             return
         data = protocol.encode(msg)
@@ -247,7 +257,8 @@ class HypervisorService:
         except BaseException:
             memory.close()
             raise
-        self._files[dom.domid] = _DomainFiles(memory, gnttab)
+        blocks = RefBlocks(dom.grant_frames * ENTRIES_PER_FRAME, self.limits.ref_block)
+        self._files[dom.domid] = _DomainFiles(memory, gnttab, blocks)
         self.grants.add_domain(dom.domid, gnttab.buffer, memory.buffer)
 
     def _resolve_domid(self, conn: _Connection, domid: int) -> int:
@@ -297,6 +308,13 @@ class HypervisorService:
         for handle in [h for h, owner in self._handles.items() if owner is conn]:
             self._unmap(handle)
         self._apply(self.ports.close_owned(conn))
+        files = self._files.get(conn.domid)
+        if files is not None:
+            # What a vanished process granted is revoked (unless mapped), and
+            # its refs go back to the domain's pool.
+            blocks = files.ref_blocks.release(
+                conn, in_use=lambda ref: self.grants.is_mapped(conn.domid, ref))
+            self.grants.revoke_unmapped(conn.domid, (r for refs in blocks for r in refs))
         if conn.is_domain:
             self.kill_domain(conn.domid)
 
@@ -312,8 +330,12 @@ class HypervisorService:
     def _op_hello(self, conn: _Connection, args: dict) -> tuple[Any, list[int]]:
         dom = self._existing(conn.domid)
         files = self._files[conn.domid]
-        result = {"domid": dom.domid, "privileged": dom.privileged,
-                  "nr_pages": dom.nr_pages, "grant_frames": dom.grant_frames}
+        if conn.is_domain:
+            refs = files.ref_blocks.claim_all(conn)
+        else:
+            refs = files.ref_blocks.claim(conn, self.limits.ref_block)
+        result = {"domid": dom.domid, "privileged": dom.privileged, "nr_pages": dom.nr_pages,
+                  "grant_frames": dom.grant_frames, "refs": [[r.start, r.stop] for r in refs]}
         return result, [files.memory.fd, files.gnttab.fd]
 
     def _op_create_domain(self, conn: _Connection, args: dict) -> tuple[Any, list[int]]:
@@ -381,6 +403,12 @@ class HypervisorService:
         dom = self._existing(args["domid"])
         self.grants.seed(dom.domid, args["ref"], args["grantee"], args["gfn"], args["readonly"])
         return None, []
+
+    def _op_reserve_refs(self, conn: _Connection, args: dict) -> tuple[Any, list[int]]:
+        refs = self._files[conn.domid].ref_blocks.claim(conn, args["count"])
+        if not refs:
+            raise HvError(errno.ENOSPC, "grant table exhausted")
+        return [[r.start, r.stop] for r in refs], []
 
     def _op_end_access(self, conn: _Connection, args: dict) -> tuple[Any, list[int]]:
         self.grants.end_access(conn.domid, args["ref"])

@@ -12,7 +12,7 @@ from ringbuf.grants import (
     ENTRIES_PER_FRAME, GNTST_no_device_space, GNTST_bad_copy_arg, GNTST_bad_domain, GNTST_bad_gntref, GNTST_bad_handle,
     GNTST_bad_page, GNTST_eagain, GNTST_general_error, GNTST_okay, GNTST_permission_denied,
     GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing, CopySegment, CopySide, GrantAuthority,
-    GrantEntry, GrantError, GrantRefAllocator, GrantTableView, check_map_entry,
+    GrantEntry, GrantError, GrantRefAllocator, GrantTableView, RefBlocks, check_map_entry,
 )
 from ringbuf.memory import PAGE_SIZE
 
@@ -46,14 +46,27 @@ def test_check_map_entry(entry, mapper, readonly, expected):
 
 
 def test_ref_allocator_skips_reserved_and_reuses():
-    alloc = GrantRefAllocator(10)
+    alloc = GrantRefAllocator([range(0, 10)])
     assert [alloc.alloc(), alloc.alloc()] == [8, 9]
-    with pytest.raises(GrantError):
+    with pytest.raises(GrantError) as err:
         alloc.alloc()
+    assert err.value.status == GNTST_no_device_space
     alloc.free(8)
     assert alloc.alloc() == 8
     with pytest.raises(ValueError):
         alloc.free(3)
+    alloc.add(range(20, 22))
+    assert alloc.available == 2 and alloc.alloc() == 20
+
+
+def test_ref_blocks_are_disjoint_and_retired_while_mapped():
+    blocks = RefBlocks(40, block_size=16)
+    a = blocks.claim("a", 20)
+    b = blocks.claim("b", 1)
+    assert [(r.start, r.stop) for r in a] == [(8, 24), (24, 40)] and b == []
+    assert blocks.release("a", in_use=lambda ref: ref == 30) == a
+    assert blocks.claim("b", 100) == [range(8, 24)]  # the block with a mapped ref is retired
+    assert [(r.start, r.stop) for r in RefBlocks(40, 16).claim_all("g")] == [(8, 24), (24, 40)]
 
 
 def _authority(*domids, entries=16, pages=4):

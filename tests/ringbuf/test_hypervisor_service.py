@@ -317,3 +317,26 @@ async def test_service_death_does_not_leave_waiters_hanging(tmp_path):
         os.close(ready_r)
         proc.kill()
         await proc.wait()
+
+
+async def test_dom0_processes_get_disjoint_refs_and_grants_die_with_them(hypervisor_socket):
+    with trio.fail_after(20):
+        async with open_hypervisor(hypervisor_socket) as toolstack:
+            async with open_hypervisor(hypervisor_socket) as backend:
+                refs_a = {toolstack.grant_access(0, 1) for _ in range(10)}
+                refs_b = {backend.grant_access(0, 2) for _ in range(10)}
+                assert not refs_a & refs_b
+                await backend.reserve_grant_refs(backend.free_grant_refs + 5)
+                assert backend.free_grant_refs >= 5
+                kept = next(iter(refs_b))
+                mapping = await toolstack.map_grants(0, [kept])
+            # the backend process is gone: its unmapped grants are revoked,
+            # the mapped one stays until unmapped
+            for _ in range(100):
+                if all(toolstack.grant_table.flags(r) == 0 for r in refs_b - {kept}):
+                    break
+                await trio.sleep(0.01)
+            assert all(toolstack.grant_table.flags(r) == 0 for r in refs_b - {kept})
+            assert toolstack.grant_table.flags(kept) & GTF_permit_access
+            assert all(toolstack.grant_table.flags(r) == GTF_permit_access for r in refs_a)
+            await toolstack.unmap_grants(mapping)
