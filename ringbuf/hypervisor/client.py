@@ -276,7 +276,8 @@ class HypervisorClient:
 
     async def map_grants(self, domid: int, refs: Sequence[int], readonly: bool = False) -> GrantMapping:
         """Map refs of ``domid`` (all or nothing) as one contiguous buffer."""
-        result, fds = await self._call("map_grants", domid=domid, refs=list(refs), readonly=readonly)
+        refs = list(refs)
+        result, fds = await self._call("map_grants", domid=domid, refs=refs, readonly=readonly)
         try:
             mapping = GrantMapping(domid, refs, result["handle"], result["frames"], readonly, fds[0])
         except BaseException:

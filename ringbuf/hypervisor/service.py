@@ -212,7 +212,12 @@ class HypervisorService:
     def _send(self, conn: _Connection, msg: Reply | Notice, fds: Sequence[int] = ()) -> None:
         if conn.lost:
             return
-        data = protocol.encode(msg)
+        try:
+            data = protocol.encode(msg)
+        except ValueError as exc:  # a reply too large for one packet
+            if not isinstance(msg, Reply):
+                raise
+            data, fds = protocol.encode(Reply(msg.id, error="E2BIG", message=str(exc))), ()
         dups = [os.dup(fd) for fd in fds]  # the originals may be closed before the writer runs
         try:
             conn.send_queue.send_nowait((data, dups))
