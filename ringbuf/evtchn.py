@@ -9,8 +9,8 @@ a single ``write(2)`` of 8 bytes straight into the peer's eventfd.
 
 :class:`EventChannel` is the low-level, service-independent endpoint.  It can
 be built from any two raw eventfds (:func:`eventfd_pair` builds a connected
-pair inside one process, for tests and benchmarks; a pair can also be split
-across processes with ``pass_fds``)::
+pair inside one process, for tests and benchmarks; for two processes pass
+the raw eventfds with ``pass_fds``, see :func:`eventfd_pair`)::
 
     a, b = eventfd_pair()
     a.notify()          # one syscall: write(b's eventfd, 1)
@@ -28,6 +28,10 @@ Semantics (Xen's 2-level ABI, ``xen.h``):
   masked.  :meth:`~EventChannel.unmask` re-delivers: if the port is pending, a
   waiter wakes at once (like ``EVTCHNOP_unmask``).
 * **Waiting** uses ``trio.lowlevel.wait_readable``: no threads, no polling.
+  One task waits on a channel at a time (trio refuses a second waiter on
+  the same fd with ``BusyResourceError``).
+* **Ports that cannot send** (a VIRQ has no peer): :meth:`~EventChannel.notify`
+  raises ``trio.BrokenResourceError``.
 * **Closing.**  :meth:`~EventChannel.close` closes the local eventfds;
   a task blocked in :meth:`~EventChannel.wait` gets
   ``trio.ClosedResourceError``.
