@@ -9,8 +9,8 @@ The pure parts (no trio, no I/O):
   (``to_assoc`` / ``of_assoc``) and error nodes;
 * :mod:`xenbus.console`   -- PV console keys and page constants.
 
-The trio driver layer (:mod:`xenbus.driver`) is imported on demand so that
-importing the pure parts does not import trio.
+The trio driver layer (:mod:`xenbus.driver`: ``Frontend``, ``Backend``, the
+``Store`` protocol) is imported on first use of those names.
 """
 
 from .handshake import BlkBackendDisk as BlkBackendDisk
@@ -40,3 +40,18 @@ from .state import XenbusState as XenbusState
 from .state import decide as decide
 from .state import is_allowed as is_allowed
 from .state import parse_state as parse_state
+
+_LAZY_DRIVER_NAMES = ("Frontend", "Backend", "Driver", "Store", "StoreOps", "transact", "read_directory")
+
+
+def __getattr__(name: str):
+    # Keep `import xenbus.state` etc. free of trio: the driver is loaded lazily.
+    if name in _LAZY_DRIVER_NAMES:
+        from . import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'xenbus' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_DRIVER_NAMES))

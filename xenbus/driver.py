@@ -172,10 +172,6 @@ class DriverStatistics:
     errors: int  # error nodes written
 
 
-class _DeviceGone(Exception):
-    """Our own directory disappeared: the toolstack removed the device."""
-
-
 class Driver:
     """Common machinery of both ends; use :class:`Frontend` / :class:`Backend`."""
 
@@ -184,6 +180,9 @@ class Driver:
     skip_initialised = False
     #: Bound on decisions per wake-up (a few suffice; see xenbus.state).
     max_chain = 16
+    #: Frontend: reconnections (Closed -> Initialising) allowed without ever
+    #: reaching Connected before giving up; None = no limit.
+    max_reconnects: int | None = 8
 
     def __init__(self, store: Store, nodename: str, own_domid: int) -> None:
         self.store = store
@@ -196,8 +195,9 @@ class Driver:
         self._peer = XenbusState.Unknown
         self._steps = 0
         self._errors = 0
-        self._connected = trio.Event()
+        self._progress = trio.Event()  # set and replaced on every step
         self._stopped = trio.Event()
+        self._attempts = 0  # frontend: reconnections since last Connected
 
     # ---- hooks -----------------------------------------------------------
 
@@ -244,9 +244,15 @@ class Driver:
         """Close the device (unplug / shutdown); it will not reconnect."""
         self._set_local(closing=True)
 
+    @property
+    def connected(self) -> bool:
+        """This end is ``Connected`` with its CONNECT work done."""
+        return self._state is XenbusState.Connected and self.local.connected
+
     async def wait_connected(self) -> None:
-        """Wait until this end has switched to ``Connected`` with its work done."""
-        await self._connected.wait()
+        """Wait until :attr:`connected` (returns at once if it already is)."""
+        while not self.connected:
+            await self._progress.wait()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -275,27 +281,35 @@ class Driver:
     # ---- the loop --------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Drive the device until it is removed (or the task is cancelled)."""
+        """Drive the device until it is removed (or the task is cancelled).
+
+        ``started`` once the watches are registered.  Cancelling the task
+        is a crash: nothing is released or written (the next incarnation
+        resets the device, see :mod:`xenbus.state`)."""
         try:
-            own = await read_directory(self.store, self.nodename, depth=1)
-            if not own:
-                raise _DeviceGone
-            self.other = read_other_end(self.role, own)
+            self.other = await self._find_other_end()
+            if self.other is None:
+                task_status.started()
+                return
             async with trio.open_nursery() as nursery:
                 for path in self._watched_paths():
                     await nursery.start(self._drain_watch, path)
                 task_status.started()
                 await self._loop()
                 nursery.cancel_scope.cancel()
-        except _DeviceGone:
-            task_status.started()
-            await self._release()
-        except HandshakeError as exc:
-            # Our own directory's cross reference is unusable: report, stop.
-            task_status.started()
-            await self.report_error(exc.errno, exc.message)
         finally:
             self._stopped.set()
+
+    async def _find_other_end(self) -> OtherEnd | None:
+        own = await read_directory(self.store, self.nodename, depth=1)
+        if not own:
+            return None  # the device is already gone
+        try:
+            return read_other_end(self.role, own)
+        except HandshakeError as exc:
+            # The toolstack's cross reference is unusable: report and stop.
+            await self.report_error(exc.errno, exc.message)
+            return None
 
     def _watched_paths(self) -> list[str]:
         assert self.other is not None
@@ -344,6 +358,15 @@ class Driver:
             step = decide(self.role, mine, peer, self.local)
             if step.idle:
                 return True
+            if step.switch_to is XenbusState.Initialising and mine is XenbusState.Closed:
+                self._attempts += 1
+                if self.max_reconnects is not None and self._attempts > self.max_reconnects:
+                    # The other end keeps failing us: stop trying (no livelock).
+                    await self.report_error(
+                        _errno.ECONNREFUSED, f"giving up after {self.max_reconnects} reconnection attempts"
+                    )
+                    self.local = replace(self.local, closing=True)
+                    continue
             self._steps += 1
             try:
                 keys = await self._do(step.work)
@@ -365,10 +388,10 @@ class Driver:
         return True
 
     def _update_connected(self) -> None:
-        if self._state is XenbusState.Connected and self.local.connected:
-            self._connected.set()
-        elif self._connected.is_set():
-            self._connected = trio.Event()
+        if self.connected:
+            self._attempts = 0
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def _do(self, work: Work) -> dict[str, str]:
         if work is Work.NOTHING:

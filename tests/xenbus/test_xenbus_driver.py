@@ -450,3 +450,27 @@ async def test_frontend_gives_up_after_a_fatal_error():
         await trio.testing.wait_all_tasks_blocked()
         assert store.value(f"{VIF.frontend}/state") == "6"  # no retry loop
         nursery.cancel_scope.cancel()
+
+
+class RejectingBack(BlkBack):
+    async def connect(self, frontend_values):
+        raise HandshakeError(errno.EINVAL, "this backend rejects every ring", "ring-ref")
+
+
+async def test_frontend_stops_retrying_a_backend_that_always_fails():
+    store, grants = FakeStore(), Grants()
+    await create_device(store, VBD)
+    front = BlkFront.for_device(store, VBD, grants=grants)
+    back = RejectingBack.for_device(store, VBD, grants=grants)
+    async with trio.open_nursery() as nursery:
+        await Running(nursery, back).start()
+        await Running(nursery, front).start()
+        await wait_for(lambda: store.value(VBD.frontend_error) is not None, "frontend gives up")
+        code, message = parse_error(store.value(VBD.frontend_error))
+        assert code == errno.ECONNREFUSED and "8" in message
+        await trio.testing.wait_all_tasks_blocked()
+        assert front.publishes == 1 + front.max_reconnects
+        assert store.value(f"{VBD.frontend}/state") == "6"
+        assert parse_error(store.value(VBD.backend_error))[0] == errno.EINVAL
+        assert not grants.live  # every ring it published was freed again
+        nursery.cancel_scope.cancel()
