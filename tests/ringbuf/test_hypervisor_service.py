@@ -340,3 +340,61 @@ async def test_dom0_processes_get_disjoint_refs_and_grants_die_with_them(hypervi
             assert toolstack.grant_table.flags(kept) & GTF_permit_access
             assert all(toolstack.grant_table.flags(r) == GTF_permit_access for r in refs_a)
             await toolstack.unmap_grants(mapping)
+
+
+FRONTEND = """
+    import sys, trio
+    from ringbuf import open_hypervisor
+
+    async def main():
+        backend = int(sys.argv[1])
+        async with open_hypervisor() as hv:
+            page = hv.memory.page(4)
+            page[:7] = b"request"
+            ref = hv.grant_access(backend, 4)
+            chan = await hv.alloc_unbound(backend)
+            print(hv.domid, ref, chan.port, flush=True)
+            await chan.wait()
+            print(bytes(page[:8]).decode(), flush=True)
+
+    trio.run(main)
+"""
+
+BACKEND = """
+    import sys, trio
+    from ringbuf import open_hypervisor
+
+    async def main():
+        front, ref, port = map(int, sys.argv[1:4])
+        async with open_hypervisor() as hv:
+            mapping = await hv.map_grants(front, [ref])
+            chan = await hv.bind_interdomain(front, port)
+            assert bytes(mapping.buffer[:7]) == b"request"
+            mapping.buffer[:8] = b"response"
+            chan.notify()
+            await hv.unmap_grants(mapping)
+            print("done", flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main)
+"""
+
+
+async def test_two_guest_processes_share_a_granted_page_and_a_channel(hypervisor_socket, spawn_guest):
+    with trio.fail_after(30):
+        async with open_hypervisor(hypervisor_socket) as dom0:
+            front_id, front_fd = await dom0.create_domain(nr_pages=8)
+            back_id, back_fd = await dom0.create_domain(nr_pages=8)
+            front = spawn_guest(front_fd, FRONTEND, str(back_id))
+            os.close(front_fd)
+            domid, ref, port = map(int, (await _readline(front)).split())
+            assert domid == front_id
+            back = spawn_guest(back_fd, BACKEND, str(front_id), str(ref), str(port))
+            os.close(back_fd)
+            assert await _readline(back) == "done"
+            assert await _readline(front) == "response"
+            # the frontend exits by itself: its domain goes away; the backend is killed
+            await trio.to_thread.run_sync(front.wait)
+            back.kill()
+            await _wait_gone(dom0, front_id)
+            await _wait_gone(dom0, back_id)
