@@ -398,3 +398,37 @@ async def test_two_guest_processes_share_a_granted_page_and_a_channel(hypervisor
             back.kill()
             await _wait_gone(dom0, front_id)
             await _wait_gone(dom0, back_id)
+
+
+async def test_domain_life_cycles_leak_no_descriptors(tmp_path):
+    """In-process service, so its descriptors can be counted too."""
+    from ringbuf.hypervisor import HypervisorService
+
+    service = HypervisorService()
+    path = str(tmp_path / "hv.sock")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.serve, path)
+            async with open_hypervisor(path) as dom0:
+                virq = await dom0.bind_virq(VIRQ_DOM_EXC)
+
+                async def cycle():
+                    domid, fd = await dom0.create_domain(nr_pages=8)
+                    async with open_hypervisor(fd=fd) as guest:
+                        chan = await guest.alloc_unbound(0)
+                        peer = await dom0.bind_interdomain(domid, chan.port)
+                        ref = guest.grant_access(0, 1)
+                        mapping = await dom0.map_grants(domid, [ref])
+                        await dom0.unmap_grants(mapping)
+                    await virq.wait()
+                    await _wait_gone(dom0, domid)
+                    await dom0.close_port(peer)
+
+                await cycle()  # warm up lazily created state
+                before = len(os.listdir("/proc/self/fd"))
+                stats = service.statistics()
+                for _ in range(5):
+                    await cycle()
+                assert len(os.listdir("/proc/self/fd")) == before
+                assert service.statistics() == stats
+            nursery.cancel_scope.cancel()
