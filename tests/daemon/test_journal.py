@@ -185,3 +185,10 @@ def test_power_policy_sync(tmp_path):
     assert sd.frames_written == 1
     sd.close()
     assert StateDir(tmp_path).recover().batches == [[("rm", "/a")]]
+
+
+def test_package_exports():
+    import xenstore.daemon as daemon
+
+    for name in daemon.__all__:
+        assert getattr(daemon, name).__module__.startswith("xenstore.daemon.")
