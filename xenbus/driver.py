@@ -198,6 +198,7 @@ class Driver:
         self._progress = trio.Event()  # set and replaced on every step
         self._stopped = trio.Event()
         self._attempts = 0  # frontend: reconnections since last Connected
+        self._removed = False
 
     # ---- hooks -----------------------------------------------------------
 
@@ -213,7 +214,8 @@ class Driver:
         """DISCONNECT work (must be idempotent)."""
 
     async def remove(self) -> None:
-        """REMOVE work: the device is gone for good."""
+        """The device is gone for good (REMOVE decision, or our directory was
+        removed); called once, after ``disconnect``."""
 
     # ---- public surface --------------------------------------------------
 
@@ -352,7 +354,7 @@ class Driver:
             mine, peer = await self._read_states()
             self._state, self._peer = mine, peer
             if mine is XenbusState.Unknown:
-                await self._release()
+                await self._gone()  # the toolstack removed our directory
                 return False
             await self._refresh_local()
             step = decide(self.role, mine, peer, self.local)
@@ -376,12 +378,13 @@ class Driver:
             except XenStoreError as exc:
                 # The other end's directory vanished or became unreadable
                 # under us: that is the peer's doing, so report, not crash.
-                await self.report_error(_errno.EIO, f"reading {self.other.path if self.other else '?'}: {exc}", fatal=True)
+                where = self.other.path if self.other else "?"
+                await self.report_error(_errno.EIO, f"reading {where}: {exc}", fatal=True)
                 continue
             if step.work is Work.REMOVE:
                 return False
             if step.switch_to is not None and not await self._switch(step.switch_to, keys):
-                await self._release()
+                await self._gone()
                 return False
             self._update_connected()
         log.error("%s: decision chain did not settle", self.nodename)
@@ -400,8 +403,7 @@ class Driver:
             await self._release()
             return {}
         if work is Work.REMOVE:
-            await self._release()
-            await self.remove()
+            await self._gone()
             return {}
         assert self.other is not None
         peer_values = await read_directory(self.store, self.other.path)
@@ -413,6 +415,13 @@ class Driver:
         keys = await self.connect(peer_values)
         self.local = replace(self.local, attached=True, connected=True)
         return keys
+
+    async def _gone(self) -> None:
+        """The device is gone for good: release, then the ``remove`` hook (once)."""
+        await self._release()
+        if not self._removed:
+            self._removed = True
+            await self.remove()
 
     async def _release(self) -> None:
         """DISCONNECT work; idempotent (also run when the device vanishes)."""

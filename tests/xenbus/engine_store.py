@@ -38,7 +38,10 @@ class EngineHub:
                 path, token = split_strings(out.payload)[:2]
                 send = self.watches.get((target.id, token))
                 if send is not None:
-                    send.send_nowait(path.decode())
+                    try:
+                        send.send_nowait(path.decode())
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the watcher is shutting down
             elif target is conn:
                 reply = out
         assert reply is not None, "the engine always answers"

@@ -90,7 +90,7 @@ async def test_guest_and_driver_domain_connect_through_the_engine():
         with trio.fail_after(TIMEOUT):
             await front.wait_stopped()
             await back.wait_stopped()
-        assert back.removed
+        assert back.removed, (back.statistics(), front.statistics())
 
 
 async def test_backend_error_node_through_the_engine():
