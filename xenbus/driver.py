@@ -178,6 +178,8 @@ class Driver:
     role: Role
     #: Frontends that go straight to Connected after publishing (netfront).
     skip_initialised = False
+    #: Frontends that publish before the backend's InitWait (hvc_xen).
+    publish_early = False
     #: Bound on decisions per wake-up (a few suffice; see xenbus.state).
     max_chain = 16
     #: Frontend: reconnections (Closed -> Initialising) allowed without ever
@@ -189,7 +191,7 @@ class Driver:
         self.nodename = nodename  # absolute path of our own device directory
         self.own_domid = own_domid
         self.other: OtherEnd | None = None
-        self.local = Local(skip_initialised=self.skip_initialised)
+        self.local = Local(skip_initialised=self.skip_initialised, publish_early=self.publish_early)
         self._changed = ChangeFlag()
         self._state = XenbusState.Unknown
         self._peer = XenbusState.Unknown

@@ -192,6 +192,10 @@ class Local:
         ``online = 0``); it will not reconnect.
     skip_initialised: frontend goes straight to ``Connected`` after
         publishing its rings (netfront) instead of ``Initialised``.
+    publish_early: frontend publishes its rings as soon as it starts,
+        before the backend reached ``InitWait`` (the shortcut blkif.h
+        permits, used by the Linux console frontend); it can then only use
+        default transport parameters.
     """
 
     attached: bool = False
@@ -199,6 +203,7 @@ class Local:
     ready: bool = True
     closing: bool = False
     skip_initialised: bool = False
+    publish_early: bool = False
 
 
 class Guard(enum.Enum):
@@ -212,6 +217,7 @@ class Guard(enum.Enum):
     READY = "ready"
     VIA_INITIALISED = "via-initialised"
     SKIP_INITIALISED = "skip-initialised"
+    PUBLISH_EARLY = "publish-early"
 
     def holds(self, local: Local) -> bool:
         return _GUARD_TESTS[self](local)
@@ -226,6 +232,7 @@ _GUARD_TESTS = {
     Guard.READY: lambda l: l.ready,
     Guard.VIA_INITIALISED: lambda l: not l.skip_initialised,
     Guard.SKIP_INITIALISED: lambda l: l.skip_initialised,
+    Guard.PUBLISH_EARLY: lambda l: l.publish_early,
 }
 
 
@@ -296,6 +303,8 @@ RULES: tuple[Rule, ...] = (
        "backend waits for our ring (blkfront, console)"),
     _r(F, _EARLY, _WAITING, {G.READY, G.SKIP_INITIALISED}, W.PUBLISH, S.Connected,
        "backend waits for our ring (netfront goes straight to Connected)"),
+    _r(F, _EARLY, {S.Initialising}, {G.READY, G.PUBLISH_EARLY, G.VIA_INITIALISED}, W.PUBLISH, S.Initialised,
+       "publish before the backend's InitWait, with default parameters (hvc_xen)"),
     _r(F, {S.Initialised}, {S.Connected}, {G.READY}, W.CONNECT, S.Connected,
        "backend connected: read device properties"),
     _r(F, {S.Connected}, {S.Connected}, {G.READY, G.NOT_CONNECTED}, W.CONNECT, None,

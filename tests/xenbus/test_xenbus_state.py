@@ -27,8 +27,8 @@ from xenbus.state import (
 
 S = XenbusState
 ALL_LOCALS = [
-    Local(attached=a, connected=c, ready=r, closing=x, skip_initialised=k)
-    for a, c, r, x, k in itertools.product([False, True], repeat=5)
+    Local(attached=a, connected=c, ready=r, closing=x, skip_initialised=k, publish_early=e)
+    for a, c, r, x, k, e in itertools.product([False, True], repeat=6)
 ]
 
 
@@ -183,6 +183,7 @@ def test_close_request_ends_closed_once_peer_closes(role, start, local, peers):
 class World:
     skip_initialised: bool
     backend_ready: bool
+    publish_early: bool = False
     state: dict = field(default_factory=lambda: {Role.FRONTEND: S.Initialising, Role.BACKEND: S.Initialising})
     local: dict = field(default_factory=dict)
     pending: dict = field(default_factory=lambda: {Role.FRONTEND: True, Role.BACKEND: True})
@@ -195,7 +196,7 @@ class World:
 
     def __post_init__(self):
         self.local = {
-            Role.FRONTEND: Local(skip_initialised=self.skip_initialised),
+            Role.FRONTEND: Local(skip_initialised=self.skip_initialised, publish_early=self.publish_early),
             Role.BACKEND: Local(ready=self.backend_ready),
         }
 
@@ -299,12 +300,13 @@ def play(world: World, ops: list[str]) -> None:
 
 @given(
     skip=st.booleans(),
+    early=st.booleans(),
     ready=st.booleans(),
     ops=st.lists(OPS, max_size=60),
 )
 @settings(max_examples=400, deadline=None)
-def test_two_ends_always_connect_when_ready(skip, ready, ops):
-    world = World(skip_initialised=skip, backend_ready=ready)
+def test_two_ends_always_connect_when_ready(skip, early, ready, ops):
+    world = World(skip_initialised=skip, backend_ready=ready, publish_early=early)
     play(world, ops)
     world.backend_ready = True
     world.pending[Role.BACKEND] = True
@@ -332,13 +334,14 @@ def test_plain_handshake_sequence():
 
 @given(
     skip=st.booleans(),
+    early=st.booleans(),
     closer=st.sampled_from(["close F", "unplug B"]),
     before=st.lists(OPS, max_size=30),
     after=st.lists(OPS, max_size=30),
 )
 @settings(max_examples=300, deadline=None)
-def test_two_ends_always_close(skip, closer, before, after):
-    world = World(skip_initialised=skip, backend_ready=True)
+def test_two_ends_always_close(skip, early, closer, before, after):
+    world = World(skip_initialised=skip, backend_ready=True, publish_early=early)
     play(world, before)
     play(world, [closer])
     play(world, after)
@@ -354,3 +357,17 @@ def test_two_ends_always_close(skip, closer, before, after):
         # The frontend still wants the device and waits at Initialising for
         # a backend that will not come back; the toolstack removes both.
         assert world.state[Role.FRONTEND] in (S.Closed, S.Initialising)
+
+
+def test_early_publishing_frontend_sequence():
+    """hvc_xen publishes at probe; the backend's probe then finds it Initialised."""
+    world = World(skip_initialised=False, backend_ready=True, publish_early=True)
+    trace = []
+    for role in [Role.FRONTEND, Role.BACKEND, Role.FRONTEND]:
+        world.run(role)
+        trace.append((world.state[Role.FRONTEND], world.state[Role.BACKEND]))
+    assert trace == [
+        (S.Initialised, S.Initialising),
+        (S.Initialised, S.Connected),
+        (S.Connected, S.Connected),
+    ]
