@@ -474,3 +474,67 @@ async def test_frontend_stops_retrying_a_backend_that_always_fails():
         assert parse_error(store.value(VBD.backend_error))[0] == errno.EINVAL
         assert not grants.live  # every ring it published was freed again
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------
+# Random crashes and restarts of real drivers (hypothesis drives trio).
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CHAOS = st.lists(
+    st.tuples(
+        st.sampled_from(["crash F", "crash B", "restart F", "restart B", "unready B", "ready B"]),
+        st.integers(0, 6),  # scheduler steps to let pass before the next op
+    ),
+    max_size=10,
+)
+
+
+@given(ops=CHAOS)
+@settings(max_examples=40, deadline=None)
+def test_drivers_reconnect_after_random_crashes(ops):
+    async def scenario():
+        store, grants = FakeStore(), Grants()
+        await create_device(store, VBD)
+        async with trio.open_nursery() as nursery:
+            ends = {
+                "F": await Running(nursery, BlkFront.for_device(store, VBD, grants=grants)).start(),
+                "B": await Running(nursery, BlkBack.for_device(store, VBD, grants=grants)).start(),
+            }
+            for op, pause in ops:
+                for _ in range(pause):
+                    await trio.lowlevel.checkpoint()
+                verb, who = op.split()
+                running = ends[who]
+                if verb == "crash" and not running.scope.cancel_called:
+                    running.crash()
+                    await running.driver.wait_stopped()
+                    if who == "F" and running.driver.ring_ref is not None:
+                        grants.revoke(running.driver.ring_ref)  # a dead domain's grants go
+                elif verb == "restart":
+                    if not running.scope.cancel_called:
+                        running.crash()
+                        await running.driver.wait_stopped()
+                        if who == "F" and running.driver.ring_ref is not None:
+                            grants.revoke(running.driver.ring_ref)
+                    cls = BlkFront if who == "F" else BlkBack
+                    ends[who] = await Running(nursery, cls.for_device(store, VBD, grants=grants)).start()
+                elif verb in ("unready", "ready") and not ends["B"].scope.cancel_called:
+                    ends["B"].driver.set_ready(verb == "ready")
+            # Bring every dead end back, make the backend ready, and wait.
+            for who, cls in (("F", BlkFront), ("B", BlkBack)):
+                if ends[who].scope.cancel_called:
+                    ends[who] = await Running(nursery, cls.for_device(store, VBD, grants=grants)).start()
+            ends["B"].driver.set_ready()
+            front, back = ends["F"].driver, ends["B"].driver
+            with trio.fail_after(TIMEOUT):
+                await front.wait_connected()
+                await back.wait_connected()
+                await trio.testing.wait_all_tasks_blocked()
+            assert front.connected and back.connected
+            assert store.value(f"{VBD.frontend}/state") == "4" == store.value(f"{VBD.backend}/state")
+            assert back.mapped == front.ring_ref and front.ring_ref in grants.live
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
