@@ -152,6 +152,9 @@ class ServerConfig:
     recv_size: int = 64 << 10
     #: At most this many new connections are accepted per iteration.
     accept_batch: int = 64
+    #: Seconds the loop waits for the next request in its own epoll before
+    #: handing control back to trio (which then waits as long as needed).
+    linger: float = 0.001
 
 
 class _Client:
@@ -265,9 +268,13 @@ class XenstoreServer:
         epoll_fd = self._epoll.fileno()
         listener_fd = listener.fileno()
         by_fd = self._by_fd
+        linger = self.config.linger
         busy = 0
         while True:
-            events = poll(0)
+            # Sleep briefly in epoll itself: a chatty client's next request
+            # usually comes within microseconds, and waking up through trio
+            # costs several times more.  Idle longer: trio waits.
+            events = poll(0 if self._runnable else linger)
             if not events and not self._runnable:
                 busy = 0
                 await _wait_readable(epoll_fd)
