@@ -9,6 +9,8 @@ import itertools
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fake_store import FakeStore
 from xenbus.driver import Backend, ChangeFlag, Frontend, read_directory, transact
@@ -478,9 +480,6 @@ async def test_frontend_stops_retrying_a_backend_that_always_fails():
 
 # ---------------------------------------------------------------------------
 # Random crashes and restarts of real drivers (hypothesis drives trio).
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 CHAOS = st.lists(
     st.tuples(
