@@ -181,9 +181,8 @@ class Request:
 
     @classmethod
     def set_perms(cls, path: str | bytes, perms: "Iterable[Perm | str]") -> "Request":
+        # An empty list is the daemon's to refuse (EINVAL), as with libxenstore.
         entries = [str(p) for p in perms]
-        if not entries:
-            raise ValueError("a permission list needs at least the owner entry")
         return cls(Op.SET_PERMS, _strings(path, *entries), _expect_ok, True)
 
     @classmethod
