@@ -301,6 +301,11 @@ class BlkBackendFeatures:
         out["max-ring-page-order"] = str(self.max_ring_page_order)
         return out
 
+    def choose(self, *, queues: int, ring_page_order: int) -> tuple[int, int]:
+        """The frontend's pick (9.5 step 4.1): as many queues and as large a
+        ring as it wants, within the backend's limits."""
+        return max(1, min(queues, self.max_queues)), max(0, min(ring_page_order, self.max_ring_page_order))
+
     @classmethod
     def of_assoc(cls, values: Values) -> BlkBackendFeatures:
         # Optional limits: absent or garbage mean the protocol default.
@@ -478,6 +483,10 @@ class NetBackendFeatures:
             out["multi-queue-max-queues"] = str(self.max_queues)
         out["feature-ctrl-ring"] = _flag(self.ctrl_ring)
         return out
+
+    def choose_queues(self, wanted: int) -> int:
+        """Queues the frontend may use: 1 unless the backend advertised more."""
+        return max(1, min(wanted, self.max_queues or 1))
 
     @classmethod
     def of_assoc(cls, values: Values) -> NetBackendFeatures:

@@ -13,6 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fake_store import FakeStore
+from ringbuf.byte_ring import ByteRingRole, ConsoleRing
+from xenbus.console import (
+    XENCONSOLE_CONNECTED,
+    XENCONSOLE_DISCONNECTED,
+    ConsoleRingInfo,
+    XenconsInterface,
+    console_frontend_entries,
+)
 from xenbus.driver import Backend, ChangeFlag, Frontend, read_directory, transact
 from xenbus.handshake import (
     BlkBackendDisk,
@@ -537,3 +545,68 @@ def test_drivers_reconnect_after_random_crashes(ops):
             nursery.cancel_scope.cancel()
 
     trio.run(scenario)
+
+
+# ---------------------------------------------------------------------------
+# A secondary PV console: the frontend publishes ring-ref/port at once (no
+# wait for InitWait), the backend services the page (ringbuf's ConsoleRing).
+
+CONSOLE = DeviceId("console", frontend_domid=5, backend_domid=0, devid=1)
+
+
+class ConsoleFront(Frontend):
+    publish_early = True
+
+    def __init__(self, store, nodename, domid, pages: dict) -> None:
+        super().__init__(store, nodename, domid)
+        self.pages = pages  # "grant ref" -> page, shared with the backend
+
+    async def publish(self, backend_values):
+        page = bytearray(4096)
+        page[XenconsInterface.connection.offset] = XENCONSOLE_DISCONNECTED  # Xen 4.21
+        self.pages[21] = page
+        self.ring = ConsoleRing(page, ByteRingRole.GUEST)
+        return ConsoleRingInfo(ring_ref=21, port=9).to_assoc()
+
+
+class ConsoleBack(Backend):
+    def __init__(self, store, nodename, domid, pages: dict) -> None:
+        super().__init__(store, nodename, domid)
+        self.pages = pages
+
+    async def connect(self, frontend_values):
+        info = ConsoleRingInfo.of_assoc(frontend_values)
+        self.ring = ConsoleRing(self.pages[info.ring_ref], ByteRingRole.SERVER)
+        self.ring.set_connection(XENCONSOLE_CONNECTED)
+        return {}
+
+
+async def test_secondary_console_connects_and_carries_bytes():
+    store, pages = FakeStore(), {}
+
+    async def toolstack(tx):
+        for key, value in CONSOLE.backend_links().items():
+            await tx.write(f"{CONSOLE.backend}/{key}", value.encode())
+        for key, value in console_frontend_entries(CONSOLE, backend_type="ioemu").items():
+            await tx.write(f"{CONSOLE.frontend}/{key}", value.encode())
+
+    await transact(store, toolstack)
+    front = ConsoleFront.for_device(store, CONSOLE, pages=pages)
+    back = ConsoleBack.for_device(store, CONSOLE, pages=pages)
+    async with trio.open_nursery() as nursery:
+        await Running(nursery, front).start()
+        # Published before any backend exists.
+        await wait_for(lambda: store.value(f"{CONSOLE.frontend}/state") == "3", "frontend initialised")
+        assert store.value(f"{CONSOLE.frontend}/port") == "9"
+        assert store.value(f"{CONSOLE.frontend}/event-channel") is None
+        assert not front.ring.connected
+        await Running(nursery, back).start()
+        with trio.fail_after(TIMEOUT):
+            await front.wait_connected()
+            await back.wait_connected()
+        assert front.ring.connected
+        assert front.ring.write(b"login: ") == 7
+        assert back.ring.read() == b"login: "
+        fe_states = [v for p, v in store.writes if p == f"{CONSOLE.frontend}/state"]
+        assert fe_states == [b"1", b"3", b"4"]
+        nursery.cancel_scope.cancel()

@@ -445,3 +445,20 @@ def test_parsers_never_crash_on_peer_input(values):
             parse(values)
         except HandshakeError as exc:
             assert exc.errno > 0
+
+
+def test_frontend_choices_stay_within_backend_limits():
+    limits = BlkBackendFeatures(max_queues=4, max_ring_page_order=2)
+    assert limits.choose(queues=8, ring_page_order=5) == (4, 2)
+    assert limits.choose(queues=2, ring_page_order=0) == (2, 0)
+    assert BlkBackendFeatures.of_assoc({}).choose(queues=8, ring_page_order=4) == (1, 0)
+    assert NetBackendFeatures().choose_queues(8) == 1
+    assert NetBackendFeatures(max_queues=4).choose_queues(8) == 4
+
+
+@given(st.integers(0, 64), st.integers(0, 8), st.integers(1, 64), st.integers(0, 8))
+def test_choices_are_accepted_by_the_backend(max_q, max_o, want_q, want_o):
+    limits = BlkBackendFeatures(max_queues=max(1, max_q), max_ring_page_order=max_o)
+    queues, order = limits.choose(queues=want_q, ring_page_order=want_o)
+    rings = BlkFrontendRings(tuple(RingQueue(tuple(range(1 << order)), 1) for _ in range(queues)), order)
+    assert BlkFrontendRings.of_assoc(rings.to_assoc(), limits) == rings
