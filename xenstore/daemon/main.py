@@ -271,13 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pid_written = False
 
-    def ready() -> None:
+    def write_pid() -> None:
         nonlocal pid_written
-        pid = os.getpid()
         if args.pid_file:
             with open(args.pid_file, "w") as f:
-                f.write(f"{pid}\n")
+                f.write(f"{os.getpid()}\n")
             pid_written = True
+
+    def ready() -> None:
+        pid = os.getpid()
         if foreground and args.output_pid:
             print(pid, flush=True)
         report(f"ok {pid if args.output_pid else ''}\n")
@@ -300,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=ServerConfig(),
             outstanding_limit=lambda: _outstanding(limits),
         )
-        trio.run(_run, server, socket_path, tracer, ready)
+        trio.run(_run, server, socket_path, tracer, write_pid, ready)
     except (OSError, ValueError, JournalError) as exc:
         log.error("%s", exc)
         report(f"error xenstored: {exc}\n")
@@ -324,11 +326,17 @@ def _outstanding(limits: Any) -> int:
     return value if value > 0 else 1 << 30  # 0 disables the check
 
 
-async def _run(server: XenstoreServer, socket_path: str, tracer: Tracer | None, ready: Callable[[], None]) -> None:
-    # Signals are caught before the socket exists: whoever sees the socket
-    # can stop the daemon cleanly.
+async def _run(
+    server: XenstoreServer,
+    socket_path: str,
+    tracer: Tracer | None,
+    write_pid: Callable[[], None],
+    ready: Callable[[], None],
+) -> None:
+    # Signals are caught, and the pid file is written, before the socket
+    # exists: whoever sees the socket can find and stop the daemon cleanly.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        listener = open_listener(socket_path)
+        listener = open_listener(socket_path, before_listen=write_pid)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listener)

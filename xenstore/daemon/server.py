@@ -98,11 +98,13 @@ class Listener:
             pass
 
 
-def open_listener(path: str, backlog: int = 128) -> Listener:
+def open_listener(path: str, backlog: int = 128, before_listen: Callable[[], None] | None = None) -> Listener:
     """A non-blocking listening unix socket at ``path``, mode 0600.
 
     Parent directories are created.  A stale socket file is replaced, but if
     something still answers on it, ``OSError(EADDRINUSE)`` is raised.
+    ``before_listen`` runs once the address is ours but before anyone can
+    connect (e.g. to write a pid file).
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -132,9 +134,16 @@ def open_listener(path: str, backlog: int = 128) -> Listener:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
+    listener = Listener(sock, path)
+    if before_listen is not None:
+        try:
+            before_listen()
+        except BaseException:
+            listener.close()
+            raise
     sock.listen(backlog)
     sock.setblocking(False)
-    return Listener(sock, path)
+    return listener
 
 
 @dataclass
