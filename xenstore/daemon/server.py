@@ -405,51 +405,57 @@ class XenstoreServer:
         self._persist()
         touched = self._touched
         self._touched = []
+        high = self.config.queue_high
         for client in touched:
             client.touched = False
+            if client.closed:
+                continue
             replies = client.replies
-            events = client.own_events
-            if client.closed:
-                continue
-            queue = client.queue
-            if events is None:
-                if len(replies) == 1:
-                    queue.push_replies(replies[0])
-                elif replies:
-                    queue.push_replies(b"".join(replies), len(replies))
-            else:
-                done = 0
-                for before, event in events:
-                    if before > done:
-                        queue.push_replies(b"".join(replies[done:before]), before - done)
-                        done = before
-                    queue.push_event(event)
-                if len(replies) > done:
-                    queue.push_replies(b"".join(replies[done:]), len(replies) - done)
-                client.own_events = None
-            client.replies = []
-            client.reply_bytes = 0
-        if self._others:
-            touched = touched + self._deliver()
-        for client in touched:
-            if client.closed:
-                continue
+            if replies or client.own_events is not None:
+                self._queue_output(client)
             if client.queue.size:
                 self._flush(client)
             if client.stalled and not client.throttled and not client.closed:
-                if self._must_wait(client, self.config.queue_high):
+                if self._must_wait(client, high):
                     client.throttled = True
                     self._update_interest(client)
                 else:
                     self._runnable.append(client)
+        if self._others:
+            for client in self._deliver():
+                if client.queue.size and not client.closed:
+                    self._flush(client)
         if self.tracer:
             self.tracer.flush()
 
+    def _queue_output(self, client: _Client) -> None:
+        """Move the iteration's replies (and own events, in order) to the queue."""
+        queue = client.queue
+        replies = client.replies
+        events = client.own_events
+        if events is None:
+            if len(replies) == 1:
+                queue.push_replies(replies[0])
+            else:
+                queue.push_replies(b"".join(replies), len(replies))
+        else:
+            done = 0
+            for before, event in events:
+                if before > done:
+                    queue.push_replies(b"".join(replies[done:before]), before - done)
+                    done = before
+                queue.push_event(event)
+            if len(replies) > done:
+                queue.push_replies(b"".join(replies[done:]), len(replies) - done)
+            client.own_events = None
+        client.replies = []
+        client.reply_bytes = 0
+
     def _deliver(self) -> list[_Client]:
-        """Queue packets for other connections (watch events)."""
+        """Queue packets for other connections (watch events); returns their clients."""
         deliveries = self._others
         self._others = []
-        touched = []
+        touched: list[_Client] = []
         clients = self._clients
         tracer = self.tracer
         for target, packet in deliveries:
@@ -463,7 +469,8 @@ class XenstoreServer:
             except ValueError:
                 continue  # over 4096 bytes: dropped, as cxenstored does
             if packet.op == _WATCH_EVENT:
-                client.queue.push_event(data)
+                if not client.queue.push_event(data):
+                    continue
             else:
                 client.queue.push_replies(data)
             touched.append(client)
@@ -525,10 +532,8 @@ class XenstoreServer:
     def _finish_iteration_for(self, client: _Client) -> None:
         """Persist now and send this one client's pending replies, best effort."""
         self._persist()
-        if client.replies:
-            client.queue.push_replies(b"".join(client.replies), len(client.replies))
-            client.replies = []
-            client.reply_bytes = 0
+        if client.replies or client.own_events is not None:
+            self._queue_output(client)
         queue = client.queue
         while queue.size:
             try:
