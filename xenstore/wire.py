@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 
 __all__ = [
     "HEADER",
@@ -120,14 +119,51 @@ class ProtocolError(Exception):
     """The peer broke framing (e.g. ``len`` > 4096): the stream is unusable."""
 
 
-@dataclass(frozen=True, slots=True)
 class Packet:
-    """One XenStore message: header fields plus raw payload bytes."""
+    """One XenStore message: header fields plus raw payload bytes.
+
+    Immutable, compared and hashed by value.  (Written out rather than as
+    a frozen dataclass: importing ``dataclasses`` costs the command-line
+    tools, which import this module, about 10 ms per call.)
+    """
+
+    __slots__ = ("op", "req_id", "tx_id", "payload")
+    __match_args__ = ("op", "req_id", "tx_id", "payload")
 
     op: int
-    req_id: int = 0
-    tx_id: int = 0
-    payload: bytes = b""
+    req_id: int
+    tx_id: int
+    payload: bytes
+
+    def __init__(self, op: int, req_id: int = 0, tx_id: int = 0, payload: bytes = b"") -> None:
+        setter = object.__setattr__
+        setter(self, "op", op)
+        setter(self, "req_id", req_id)
+        setter(self, "tx_id", tx_id)
+        setter(self, "payload", payload)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a frozen Packet")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a frozen Packet")
+
+    def _fields(self) -> tuple:
+        return (self.op, self.req_id, self.tx_id, self.payload)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"Packet(op={self.op!r}, req_id={self.req_id!r}, tx_id={self.tx_id!r}, payload={self.payload!r})"
+
+    def __reduce__(self) -> tuple:
+        return (Packet, self._fields())
 
     def encode(self) -> bytes:
         """Header + payload, ready to write to the stream.

@@ -17,6 +17,7 @@ import _socket
 
 from ..wire import Op, PacketReader, Packet, XenStoreError, split_strings
 from ._api import Operations
+from ._errors import ConnectionClosed
 from ._ops import DirectoryPartAssembler, Request, parse_reply, to_bytes, to_str
 from ._paths import daemon_socket_path, domain_device_path
 
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["SyncClient", "SyncTransaction", "SyncWatch", "ConnectionClosed", "open_sync_client"]
 
 _RECV_SIZE = 65536
-
-
-class ConnectionClosed(ConnectionError):
-    """The daemon closed the connection or broke the framing."""
 
 
 class FdTransport:
@@ -61,7 +58,7 @@ class FdTransport:
 
     def send_all(self, data: bytes) -> None:
         if self._sock is not None:
-            self._sock.sendall(data)
+            self._sock.sendall(data, _socket.MSG_NOSIGNAL)  # EPIPE, not SIGPIPE
             return
         view = memoryview(data)
         while view:

@@ -1,0 +1,82 @@
+"""userxen's XenStore: the client library (this namespace) and the daemon.
+
+Async (trio)::
+
+    async with xenstore.open_client() as c:          # $XENSTORED_PATH & co.
+        await c.write("/a", b"1")
+        async with c.watch("/a") as events:
+            async for path in events: ...
+        async with c.transaction() as t:
+            await t.write("/b", await t.read("/a"))
+        result = await c.transact(fn)                 # retried on EAGAIN
+
+Blocking (no trio import)::
+
+    with xenstore.open_sync_client() as c:
+        c.read("/a")
+
+Names are resolved lazily (PEP 562) so that ``import xenstore.cli...`` or
+the blocking client never imports trio.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = [
+    # async client
+    "open_client",
+    "Client",
+    "Transaction",
+    "Watch",
+    "Transport",
+    "StreamTransport",
+    "open_unix_transport",
+    # blocking client
+    "open_sync_client",
+    "SyncClient",
+    "SyncTransaction",
+    "SyncWatch",
+    # shared
+    "Perm",
+    "Backoff",
+    "TransactionResult",
+    "ConnectionClosed",
+    "XenStoreError",
+    "ProtocolError",
+    "daemon_socket_path",
+]
+
+_WHERE = {
+    "open_client": "xenstore.client._async",
+    "Client": "xenstore.client._async",
+    "Transaction": "xenstore.client._async",
+    "Watch": "xenstore.client._async",
+    "Transport": "xenstore.client._transport",
+    "StreamTransport": "xenstore.client._transport",
+    "open_unix_transport": "xenstore.client._transport",
+    "open_sync_client": "xenstore.client._sync",
+    "SyncClient": "xenstore.client._sync",
+    "SyncTransaction": "xenstore.client._sync",
+    "SyncWatch": "xenstore.client._sync",
+    "Perm": "xenstore.client._ops",
+    "Backoff": "xenstore.client._retry",
+    "TransactionResult": "xenstore.client._retry",
+    "ConnectionClosed": "xenstore.client._errors",
+    "XenStoreError": "xenstore.wire",
+    "ProtocolError": "xenstore.wire",
+    "daemon_socket_path": "xenstore.client._paths",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xenstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
