@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -193,3 +194,37 @@ def test_trace_file(xenstored_factory, tmp_path):
     assert " WRITE (/traced bar)" in text and " WRITE (OK )" in text
     assert " READ (/traced )" in text and " READ (bar)" in text
 
+
+
+def test_running_out_of_file_descriptors_pauses_accept_only(xenstored_factory):
+    """At the fd limit new connections wait; existing ones are still served."""
+    import resource
+
+    d = xenstored_factory.start()
+    first = d.connect()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Lower the daemon's own limit to just above what it has open now.
+    open_fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+    resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (open_fds + 2, hard))
+    extra = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(6)]
+    try:
+        for s in extra:
+            s.setblocking(False)
+            try:
+                s.connect(d.socket_path)
+            except BlockingIOError:
+                pass
+        time.sleep(0.3)
+        first.write("/fd/still", b"served")
+        assert first.read("/fd/still") == b"served"
+        cpu_before = sum(int(x) for x in open(f"/proc/{d.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
+        time.sleep(0.5)
+        cpu_after = sum(int(x) for x in open(f"/proc/{d.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
+        assert cpu_after - cpu_before < 25  # not spinning on the listener (ticks of 10 ms)
+    finally:
+        for s in extra:
+            s.close()
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    late = d.connect()
+    assert late.read("/fd/still") == b"served"
+    assert "pausing new connections" in d.stderr()

@@ -229,6 +229,7 @@ class XenstoreServer:
         self._others: list[tuple[Any, Packet]] = []  # deliveries to other connections
         self._runnable: list[_Client] = []  # unthrottled clients with buffered requests
         self._compacting = False
+        self._accept_paused_until = 0.0  # trio time; 0 = accepting
         self._nursery: trio.Nursery | None = None
         #: Set when persisting failed: the daemon must stop (see ``serve``).
         self.fatal_error: BaseException | None = None
@@ -284,9 +285,16 @@ class XenstoreServer:
             # usually comes within microseconds, and waking up through trio
             # costs several times more.  Idle longer: trio waits.
             events = poll(0 if self._runnable else linger)
+            if self._accept_paused_until and trio.current_time() >= self._accept_paused_until:
+                self._accept_paused_until = 0.0
+                self._epoll.modify(listener_fd, _EPOLLIN)
             if not events and not self._runnable:
                 busy = 0
-                await _wait_readable(epoll_fd)
+                if self._accept_paused_until:
+                    with trio.move_on_at(self._accept_paused_until):
+                        await _wait_readable(epoll_fd)
+                else:
+                    await _wait_readable(epoll_fd)
                 continue
             runnable = self._runnable
             if runnable:
@@ -320,8 +328,10 @@ class XenstoreServer:
                 sock, _ = listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and friends: keep serving the others
-                log.warning("accept failed: %s", exc)
+            except OSError as exc:  # EMFILE and friends: serve the others, retry later
+                log.warning("accept failed: %s; pausing new connections", exc)
+                self._accept_paused_until = trio.current_time() + 0.1
+                self._epoll.modify(listener.fileno(), 0)
                 return
             sock.setblocking(False)
             conn = self.engine.connect(domid=0, privileged=True)
