@@ -37,8 +37,8 @@ class WireConn:
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)  # blocking: a full listen backlog makes a timed connect fail with EAGAIN
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self._buf = bytearray()
         self._req_id = 0
         #: Watch events received while waiting for replies, oldest first.

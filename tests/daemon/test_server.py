@@ -228,3 +228,17 @@ def test_running_out_of_file_descriptors_pauses_accept_only(xenstored_factory):
     late = d.connect()
     assert late.read("/fd/still") == b"served"
     assert "pausing new connections" in d.stderr()
+
+
+def test_many_concurrent_connections(xenstored):
+    conns = [xenstored.connect() for _ in range(200)]
+    for i, c in enumerate(conns):  # every connection has a request in flight at once
+        c.send(Op.WRITE, b"/many/%d\0v%d" % (i, i))
+    for i, c in enumerate(conns):
+        assert c.read_reply().payload == b"OK\0"
+    for i, c in enumerate(conns):
+        c.send(Op.READ, b"/many/%d\0" % ((i + 1) % 200))
+    for i, c in enumerate(conns):
+        assert c.read_reply().payload == b"v%d" % ((i + 1) % 200)
+    op, names = conns[0].call(Op.DIRECTORY, b"/many\0")
+    assert len(names.split(b"\0")) - 1 == 200
