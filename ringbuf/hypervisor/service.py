@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import socket
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -87,24 +88,21 @@ class _Connection:
         return f"<connection dom{self.domid}{' (domain)' if self.is_domain else ''}>"
 
 
-@dataclass
 class _DomainFiles:
-    memory: DomainMemory
-    gnttab: DomainMemory
-    ref_blocks: RefBlocks
-    ro_fd: int | None = None
+    """A domain's memory and grant-table files as the service holds them."""
 
-    def readonly_fd(self) -> int:
-        if self.ro_fd is None:
-            # A separate read-only open file: the kernel refuses PROT_WRITE maps of it.
-            self.ro_fd = os.open(f"/proc/self/fd/{self.memory.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        return self.ro_fd
+    def __init__(self, memory: DomainMemory, gnttab: DomainMemory, ref_blocks: RefBlocks) -> None:
+        self.memory = memory
+        self.gnttab = gnttab
+        self.ref_blocks = ref_blocks
+        # A separate read-only open file of the memory, handed out for
+        # read-only grant maps: the kernel refuses PROT_WRITE maps of it.
+        self.readonly_fd = os.open(f"/proc/self/fd/{memory.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
         self.memory.close()
         self.gnttab.close()
-        if self.ro_fd is not None:
-            os.close(self.ro_fd)
+        os.close(self.readonly_fd)
 
 
 class HypervisorService:
@@ -256,14 +254,14 @@ class HypervisorService:
     # -- domains -------------------------------------------------------------
 
     def _add_domain(self, dom: Domain) -> None:
-        memory = DomainMemory.create(dom.nr_pages, f"uxen-dom{dom.domid}-memory")
-        try:
-            gnttab = DomainMemory.create(dom.grant_frames, f"uxen-dom{dom.domid}-gnttab")
-        except BaseException:
-            memory.close()
-            raise
         blocks = RefBlocks(dom.grant_frames * ENTRIES_PER_FRAME, self.limits.ref_block)
-        self._files[dom.domid] = _DomainFiles(memory, gnttab, blocks)
+        with ExitStack() as undo:
+            memory = DomainMemory.create(dom.nr_pages, f"uxen-dom{dom.domid}-memory")
+            undo.callback(memory.close)
+            gnttab = DomainMemory.create(dom.grant_frames, f"uxen-dom{dom.domid}-gnttab")
+            undo.callback(gnttab.close)
+            self._files[dom.domid] = _DomainFiles(memory, gnttab, blocks)
+            undo.pop_all()
         self.grants.add_domain(dom.domid, gnttab.buffer, memory.buffer)
 
     def _resolve_domid(self, conn: _Connection, domid: int) -> int:
@@ -425,7 +423,7 @@ class HypervisorService:
         handle, frames = self.grants.map(conn.domid, granter, args["refs"], readonly)
         self._handles[handle] = conn
         files = self._files[granter]
-        fd = files.readonly_fd() if readonly else files.memory.fd
+        fd = files.readonly_fd if readonly else files.memory.fd
         return {"handle": handle, "frames": frames, "readonly": readonly}, [fd]
 
     def _unmap(self, handle: int) -> None:
