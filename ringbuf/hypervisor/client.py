@@ -153,7 +153,10 @@ class HypervisorClient:
         self._pending[rid] = slot
         try:
             async with self._send_lock:
-                await send_packet(self._sock, protocol.encode(Request(rid, op, args)))
+                try:
+                    await send_packet(self._sock, protocol.encode(Request(rid, op, args)))
+                except OSError as exc:
+                    raise HypervisorError("EPIPE", f"hypervisor service gone: {exc}") from None
             await slot.event.wait()
         except BaseException:
             self._pending.pop(rid, None)
