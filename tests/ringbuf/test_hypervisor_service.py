@@ -432,3 +432,35 @@ async def test_domain_life_cycles_leak_no_descriptors(tmp_path):
                 assert len(os.listdir("/proc/self/fd")) == before
                 assert service.statistics() == stats
             nursery.cancel_scope.cancel()
+
+
+async def test_closing_a_port_wakes_the_peer_and_the_port_can_be_bound_again(hypervisor_socket):
+    with trio.fail_after(20):
+        async with open_hypervisor(hypervisor_socket) as dom0:
+            domid, fd = await dom0.create_domain(nr_pages=8)
+            async with open_hypervisor(fd=fd) as guest:
+                chan = await guest.alloc_unbound(0)
+                backend = await dom0.bind_interdomain(domid, chan.port)
+
+                async def expect_peer_closed():
+                    with pytest.raises(PeerClosedError):
+                        await chan.wait()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(expect_peer_closed)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await dom0.close_port(backend)
+                assert (await guest.port_status(chan.port))["state"] == 1  # unbound
+                chan.notify()  # dropped silently, as in Xen
+
+                # the backend reconnects (same domain): the channel works again
+                backend = await dom0.bind_interdomain(domid, chan.port)
+                while chan.peer_closed:  # the peer_bound notice is on its way
+                    await trio.sleep(0.001)
+                await backend.wait()  # pending from the bind
+                chan.clear()  # spurious wake-up left by the close
+                assert not chan.pending and not backend.pending
+                backend.notify()
+                await chan.wait()
+                chan.notify()
+                await backend.wait()
