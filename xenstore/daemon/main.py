@@ -188,7 +188,7 @@ def restore_engine(limits: Any, state: StateDir | None, strict: bool = False) ->
             for change in batch:
                 store.apply(change)
         except Exception as exc:  # a record the store rejects: treat like corruption
-            message = f"journal record {index} cannot be applied ({exc!r}); dropping it and the rest"
+            message = f"journal record {index} cannot be applied ({exc!r}); replay stops there"
             if strict:
                 raise JournalError(message) from None
             log.error("%s", message)
