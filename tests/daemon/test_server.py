@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -187,9 +188,17 @@ def test_trace_file(xenstored_factory, tmp_path):
     c = d.connect()
     c.write("/traced", b"bar")
     c.read("/traced")
+    # SIGHUP reopens the file (log rotation).
+    trace.rename(tmp_path / "trace.old")
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while not trace.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c.read("/traced")
     c.close()
     d.stop()
-    text = trace.read_text()
+    assert " READ (/traced )" in trace.read_text()
+    text = (tmp_path / "trace.old").read_text() + trace.read_text()
     assert "CREATE connection 0x" in text and "DESTROY connection 0x" in text
     assert " WRITE (/traced bar)" in text and " WRITE (OK )" in text
     assert " READ (/traced )" in text and " READ (bar)" in text
