@@ -459,7 +459,9 @@ def _main(argv: list[str], forced_mode: str | None, progname: str, out: Output) 
 
     import _signal  # (the signal module's enums cost a millisecond)
 
-    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)  # die quietly on a closed pipe (| head), as C does
+    # Die quietly on a closed pipe (| head) or ^C, as C programs do.
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
     from ._xs import xs_open
 
