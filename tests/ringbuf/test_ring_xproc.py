@@ -155,7 +155,12 @@ class Peer:
         parent_fd, child_fd = new_eventfd(), new_eventfd()
         self.chan = EventChannel(1, parent_fd, child_fd, close_fds=False)
         self.fds = (parent_fd, child_fd)
-        self.proc = subprocess.Popen(
+        self.proc = self._spawn()
+        self.report: dict | None = None
+
+    def _spawn(self) -> subprocess.Popen:
+        parent_fd, child_fd = self.fds
+        return subprocess.Popen(
             [sys.executable, __file__, str(self.memfd), str(child_fd), str(parent_fd)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -163,25 +168,7 @@ class Peer:
             text=True,
         )
 
-    def start(self, cmd: dict) -> None:
-        self.chan.clear()
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def result(self, timeout: float = 10.0) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "child did not report in time"
-        line = self.proc.stdout.readline()
-        assert line, f"child died (rc={self.proc.poll()})"
-        return json.loads(line)
-
-    def wait_event(self) -> bool:
-        """Block until notified; False after WAKE_TIMEOUT without a notification."""
-        ready, _, _ = select.select([self.chan.wait_fd], [], [], WAKE_TIMEOUT)
-        self.chan.clear()
-        return bool(ready)
-
-    def close(self) -> None:
+    def _stop(self) -> None:
         self.proc.stdin.close()
         try:
             self.proc.wait(timeout=10)
@@ -189,6 +176,45 @@ class Peer:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+
+    def restart(self) -> None:
+        """After a failed example the child may still be mid-command: replace it."""
+        self.proc.kill()
+        self._stop()
+        self.proc = self._spawn()
+
+    def start(self, cmd: dict) -> None:
+        self.report = None
+        self.chan.clear()
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = 10.0) -> dict:
+        if self.report is not None:
+            return self.report
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "child did not report in time"
+        line = self.proc.stdout.readline()
+        assert line, f"child died (rc={self.proc.poll()})"
+        return json.loads(line)
+
+    def wait_event(self) -> bool:
+        """Block until notified; False after WAKE_TIMEOUT without a notification.
+
+        If the child reports a failure meanwhile, fail at once with its report
+        instead of waiting for work that will never come."""
+        watch = [self.chan.wait_fd] + ([self.proc.stdout] if self.report is None else [])
+        ready, _, _ = select.select(watch, [], [], WAKE_TIMEOUT)
+        if self.proc.stdout in ready:
+            line = self.proc.stdout.readline()
+            self.report = json.loads(line) if line else {"error": "child died"}
+            assert self.report.get("ok"), f"child failed: {self.report}"
+            return True  # it finished: its last responses are already published
+        self.chan.clear()
+        return bool(ready)
+
+    def close(self) -> None:
+        self._stop()
         # EventChannel.close() needs a trio context; we own the fds (close_fds=False).
         for fd in self.fds:
             os.close(fd)
@@ -257,8 +283,11 @@ def test_ring_between_processes_loses_nothing_and_never_sleeps_on_work(peer, s):
                 assert front.unconsumed_responses() == 0, "frontend missed a wake-up"
         assert got == [(k, transform(k * 7919 & RING_IDX_MASK)) for k in range(s["count"])]
         assert front.shared.rsp_prod == (s["start"] + s["count"]) & RING_IDX_MASK
-    finally:
         result = peer.result()
+    except BaseException:
+        peer.restart()
+        raise
+    finally:
         front.release()
     assert result.get("ok"), result
 
@@ -294,8 +323,11 @@ def test_xenstore_byte_ring_between_processes(peer, start, data, chunks, pause_c
             if not peer.wait_event():
                 assert guest.readable() == 0, "guest missed a wake-up"
         assert bytes(echoed) == data
-    finally:
         result = peer.result()
+    except BaseException:
+        peer.restart()
+        raise
+    finally:
         guest.release()
         page.release()
     assert result.get("ok"), result
