@@ -233,6 +233,11 @@ class XenstoreServer:
         self._nursery: trio.Nursery | None = None
         #: Set when persisting failed: the daemon must stop (see ``serve``).
         self.fatal_error: BaseException | None = None
+        #: Connections without a socket here (guest rings): the engine's
+        #: packets for them go to ``external_sink(conn, packet)``, and the
+        #: engine's effects (Introduced, Released) to ``effects_handler``.
+        self.external_sink: Callable[[Any, Packet], None] | None = None
+        self.effects_handler: Callable[[list], None] | None = None
 
     # -- public ----------------------------------------------------------
 
@@ -470,8 +475,12 @@ class XenstoreServer:
         tracer = self.tracer
         for target, packet in deliveries:
             client = clients.get(target)
-            if client is None or client.closed:
-                continue  # e.g. a guest connection that has no socket here
+            if client is None:
+                if self.external_sink is not None:
+                    self.external_sink(target, packet)
+                continue
+            if client.closed:
+                continue
             if tracer:
                 tracer.packet("OUT", target.id, packet)
             try:
@@ -485,6 +494,16 @@ class XenstoreServer:
                 client.queue.push_replies(data)
             touched.append(client)
         return touched
+
+    def commit_and_deliver(self, deliveries: list[tuple[Any, Packet]]) -> None:
+        """Engine output produced outside the socket loop (guest rings,
+        domain deaths): journal the committed changes first, then queue
+        ``deliveries`` to their connections and send."""
+        self._others.extend(deliveries)
+        self._persist()
+        for client in self._deliver():
+            if client.queue.size and not client.closed:
+                self._flush(client)
 
     # -- output ------------------------------------------------------------
 
@@ -559,7 +578,10 @@ class XenstoreServer:
         changes = engine.take_changes()
         effects = engine.take_effects()
         if effects:
-            log.debug("ignoring engine effects %r", effects)
+            if self.effects_handler is not None:
+                self.effects_handler(effects)
+            else:
+                log.debug("ignoring engine effects %r", effects)
         state = self.state
         if not changes or state is None:
             return
