@@ -41,6 +41,7 @@ __all__ = [
     "FrontRing",
     "RingFullError",
     "RingIndexError",
+    "RingStatistics",
     "RingTypes",
     "SharedRing",
     "define_ring_types",
@@ -95,6 +96,16 @@ class RingIndexError(Exception):
         self.prod = prod
         self.cons = cons
         self.limit = limit
+
+
+@dataclass(frozen=True)
+class RingStatistics:
+    """A snapshot of one ring end's private indices (trio-style ``statistics()``)."""
+
+    nr_ents: int
+    req_index: int  # req_prod_pvt (front) / req_cons (back)
+    rsp_index: int  # rsp_cons (front) / rsp_prod_pvt (back)
+    outstanding: int  # requests without a response yet, from this end's view
 
 
 class RingFullError(RuntimeError):
@@ -345,6 +356,10 @@ class FrontRing(Generic[Req, Rsp]):
     def rsp_cons(self) -> int:
         return self._responses.cons
 
+    def statistics(self) -> RingStatistics:
+        req, rsp = self._requests.pvt, self._responses.cons
+        return RingStatistics(self.nr_ents, req, rsp, (req - rsp) & RING_IDX_MASK)
+
     def free_requests(self) -> int:
         """RING_FREE_REQUESTS."""
         return self.nr_ents - ((self._requests.pvt - self._responses.cons) & RING_IDX_MASK)
@@ -429,6 +444,10 @@ class BackRing(Generic[Req, Rsp]):
 
     def take_raw_requests(self, max_count: int | None = None) -> bytes:
         return self._requests.take_raw(max_count)
+
+    def statistics(self) -> RingStatistics:
+        req, rsp = self._requests.cons, self._responses.pvt
+        return RingStatistics(self.nr_ents, req, rsp, (req - rsp) & RING_IDX_MASK)
 
     def pending_responses(self) -> int:
         """Requests consumed but not yet answered."""

@@ -435,3 +435,24 @@ class HoldOffRaceMachine(RuleBasedStateMachine):
 
 TestHoldOffRace = HoldOffRaceMachine.TestCase
 TestHoldOffRace.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+def test_restarted_backend_attaches_without_touching_the_header():
+    """A reconnecting backend re-serves every unanswered request; nothing is reset."""
+    buf = ring_buffer(8)
+    front = MSG_RING.init_front(buf, start_index=0xFFFFFFFD)
+    for i in range(5):
+        front.put_request(Msg(i))
+    front.push_requests()
+    old_back = MSG_RING.attach_back(buf)
+    taken = old_back.take_requests()
+    old_back.put_responses([Ack(r.seq) for r in taken[:2]])  # answered 2, then "crashed"
+    old_back.push_responses()
+    header = bytes(buf[:SRING_HEADER_SIZE])
+    new_back = MSG_RING.attach_back(buf)
+    assert bytes(buf[:SRING_HEADER_SIZE]) == header
+    assert [r.seq for r in new_back.take_requests()] == [2, 3, 4]
+    assert new_back.statistics().outstanding == 3
+    assert front.statistics().outstanding == 5
+    assert [a.seq for a in front.take_responses()] == [0, 1]
+    assert front.statistics().outstanding == 3
