@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="compact (snapshot + new journal) once the journal is this big (and 2x the snapshot)",
     )
+    p.add_argument(
+        "--hypervisor",
+        default=os.environ.get("UXEN_HYPERVISOR_PATH") or None,
+        metavar="PATH",
+        help="hypervisor service socket (default $UXEN_HYPERVISOR_PATH): serve introduced guests\n"
+        "over their ring page and event channel; without it INTRODUCE only updates the store",
+    )
     return p
 
 
@@ -302,7 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=ServerConfig(),
             outstanding_limit=lambda: _outstanding(limits),
         )
-        trio.run(_run, server, socket_path, tracer, write_pid, ready)
+        link = None
+        if args.hypervisor:
+            from .hypervisor_link import HypervisorLink
+
+            link = HypervisorLink(server, args.hypervisor, outstanding_limit=lambda: _outstanding(limits))
+        trio.run(_run, server, socket_path, tracer, write_pid, ready, link)
     except (OSError, ValueError, JournalError) as exc:
         log.error("%s", exc)
         report(f"error xenstored: {exc}\n")
@@ -332,6 +344,7 @@ async def _run(
     tracer: Tracer | None,
     write_pid: Callable[[], None],
     ready: Callable[[], None],
+    link: Any = None,
 ) -> None:
     # Signals are caught, and the pid file is written, before the socket
     # exists: whoever sees the socket can find and stop the daemon cleanly.
@@ -340,6 +353,8 @@ async def _run(
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listener)
+                if link is not None:  # guests' rings (--hypervisor)
+                    await nursery.start(link.serve)
                 ready()
 
                 async def watch_signals() -> None:
