@@ -1,0 +1,276 @@
+"""xenstored's link to the hypervisor service: guests' rings, their life cycle.
+
+Started when the daemon has a hypervisor socket (``--hypervisor PATH``).
+It carries out the engine's effects (fact sheet §3.9.2 step 6, §3.9.4):
+
+* ``Introduced(domid, gfn, port)`` of a new domain: map the guest's grant
+  ref 1 (``GNTTAB_RESERVED_XENSTORE``, like cxenstored, not the gfn), bind
+  an interdomain event channel to ``(domid, port)``, offer the ring
+  features (RECONNECTION and ERROR, as far as the domain's feature set
+  allows), create the guest's unprivileged engine connection and serve the
+  ring (:class:`~xenstore.daemon.domain_conn.DomainConnection`).  Of a known
+  domain (resume): rebind the channel to the new port and restart the ring.
+* ``Released(domid)`` (RELEASE or death): stop serving, drop the engine
+  connection, unbind the channel, unmap the page.
+
+and it binds ``VIRQ_DOM_EXC``: on each one it lists the hypervisor's
+domains (cxenstored ``check_domains``): an introduced domain that is dying
+or gone is destroyed in the engine (its connection, watches, transactions
+and owned nodes go, ``@releaseDomain`` fires); one that shut down fires
+``@releaseDomain`` once.
+
+The INTRODUCE reply is sent before the page is mapped (the engine is pure
+and the map is a request to the service); a guest may only rely on the
+ring being served once it is running, which the toolstack starts after
+INTRODUCE.  If mapping or binding fails the domain is destroyed again
+(``@releaseDomain``, ``IS_DOMAIN_INTRODUCED`` says ``F``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import trio
+
+from ringbuf.byte_ring import ByteRingRole, XenstoreRing
+from ringbuf.evtchn import VIRQ_DOM_EXC, EventChannel
+from ringbuf.grants import GNTTAB_RESERVED_XENSTORE, GrantError
+from ringbuf.hypervisor import GrantMapping, HypervisorClient, HypervisorError, open_hypervisor
+
+from ..core.domains import Introduced, Released
+from ..wire import Packet
+from .domain_conn import DomainConnection
+
+__all__ = ["HypervisorLink", "ENV_HYPERVISOR_PATH"]
+
+log = logging.getLogger("xenstored")
+
+#: Environment default of ``--hypervisor``.
+ENV_HYPERVISOR_PATH = "UXEN_HYPERVISOR_PATH"
+
+
+class _Guest:
+    """A served domain: its ring connection and the resources behind it."""
+
+    __slots__ = ("domain", "mapping", "scope")
+
+    def __init__(self, domain: DomainConnection, mapping: GrantMapping) -> None:
+        self.domain = domain
+        self.mapping = mapping
+        self.scope = trio.CancelScope()
+
+
+class HypervisorLink:
+    """Connects ``server`` (a :class:`~xenstore.daemon.server.XenstoreServer`)
+    to the hypervisor service at ``path``; run :meth:`serve` in the daemon's
+    nursery."""
+
+    def __init__(self, server: Any, path: str, *, outstanding_limit: Callable[[], int]) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.path = path
+        self._outstanding_limit = outstanding_limit
+        self._guests: dict[int, _Guest] = {}
+        self._by_conn: dict[Any, DomainConnection] = {}
+        self._effects_send, self._effects_receive = trio.open_memory_channel[Any](math.inf)
+        self._hv: HypervisorClient | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # -- public --------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, bind VIRQ_DOM_EXC, then serve until cancelled."""
+        async with open_hypervisor(self.path) as hv:
+            self._hv = hv
+            try:
+                virq = await hv.bind_virq(VIRQ_DOM_EXC)
+            except HypervisorError as exc:  # e.g. another xenstored holds it
+                raise OSError(f"hypervisor service {self.path}: cannot bind VIRQ_DOM_EXC: {exc}") from None
+            self.server.external_sink = self._route
+            self.server.effects_handler = self._effects_send.send_nowait
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._carry_out_effects)
+                    nursery.start_soon(self._watch_domains, virq)
+                    task_status.started()
+            finally:
+                self.server.external_sink = None
+                self.server.effects_handler = None
+                for domid in list(self._guests):
+                    self._forget(domid)
+
+    def domain(self, domid: int) -> DomainConnection | None:
+        guest = self._guests.get(domid)
+        return None if guest is None else guest.domain
+
+    def statistics(self) -> dict[str, int]:
+        return {"guests": len(self._guests), "serving": sum(g.domain.serving for g in self._guests.values())}
+
+    # -- engine output and effects ----------------------------------------------
+
+    def _route(self, conn: Any, packet: Packet) -> None:
+        domain = self._by_conn.get(conn)
+        if domain is not None:
+            domain.deliver(packet)
+
+    def _submit(self, conn: Any, packets: list[Packet]) -> None:
+        handle = self.engine.handle
+        deliveries = []
+        for packet in packets:
+            try:
+                deliveries += handle(conn, packet)
+            except Exception:  # an engine bug must not take the daemon down
+                log.exception("engine failed on %r", packet)
+                deliveries.append((conn, packet.error_reply("EIO")))
+        self.server.commit_and_deliver(deliveries)
+
+    def _reset_conn(self, conn: Any) -> Any:
+        domain = self._by_conn.pop(conn)
+        self.server.commit_and_deliver(self.engine.disconnect(conn))
+        new = self.engine.connect(domain.domid, privileged=False)
+        self._by_conn[new] = domain
+        return new
+
+    def _drop_conn(self, conn: Any) -> None:
+        self._by_conn.pop(conn, None)
+        self.server.commit_and_deliver(self.engine.disconnect(conn))
+
+    async def _carry_out_effects(self) -> None:
+        async for effect in self._effects_receive:
+            for item in effect:
+                try:
+                    if isinstance(item, Introduced):
+                        await self._introduced(item)
+                    elif isinstance(item, Released):
+                        await self._released(item.domid)
+                except (HypervisorError, GrantError, OSError) as exc:
+                    log.error("%r failed: %s", item, exc)
+
+    # -- introduce / release ---------------------------------------------------------
+
+    async def _introduced(self, item: Introduced) -> None:
+        hv = self._hv
+        assert hv is not None and self._nursery is not None
+        domid = item.domid
+        guest = self._guests.get(domid)
+        if guest is not None:
+            await self._rebind(guest, item.port)
+            return
+        if not self.engine.domains.is_introduced(domid):
+            return  # released again before we got here
+        try:
+            mapping = await hv.map_grants(domid, [GNTTAB_RESERVED_XENSTORE])
+        except (HypervisorError, GrantError) as exc:
+            log.error("domain %d: cannot map its xenstore page: %s", domid, exc)
+            self._destroy(domid)
+            return
+        try:
+            channel = await hv.bind_interdomain(domid, item.port)
+        except HypervisorError as exc:
+            log.error("domain %d: cannot bind port %d: %s", domid, item.port, exc)
+            await hv.unmap_grants(mapping)
+            self._destroy(domid)
+            return
+        ring = XenstoreRing(mapping.pages[0], ByteRingRole.SERVER)
+        ring.advertise_features(self._features(domid))
+        conn = self.engine.connect(domid, privileged=False)
+        domain = DomainConnection(
+            domid,
+            conn,
+            ring,
+            channel,
+            submit=self._submit,
+            reset=self._reset_conn,
+            drop=self._drop_conn,
+            outstanding_limit=self._outstanding_limit,
+        )
+        guest = _Guest(domain, mapping)
+        self._guests[domid] = guest
+        self._by_conn[conn] = domain
+        if ring.connection:  # a guest waiting for us (dom0less style): done
+            ring.complete_reconnect()
+        self._nursery.start_soon(self._run_guest, guest)
+        log.info("domain %d: serving its ring (port %d)", domid, channel.port)
+
+    def _features(self, domid: int) -> int:
+        domain = self.engine.domains.get(domid)
+        return self.engine.features if domain is None else domain.features & self.engine.features
+
+    async def _run_guest(self, guest: _Guest) -> None:
+        with guest.scope:
+            await guest.domain.run()
+
+    async def _rebind(self, guest: _Guest, port: int) -> None:
+        """Re-introduction: a new binding and a fresh start on the same page."""
+        hv = self._hv
+        assert hv is not None and self._nursery is not None
+        domain = guest.domain
+        guest.scope.cancel()
+        guest.scope = trio.CancelScope()
+        await hv.close_port(domain.channel)
+        domain.channel = await hv.bind_interdomain(domain.domid, port)
+        old = domain.conn
+        self._by_conn.pop(old, None)
+        self.engine.disconnect(old)
+        conn = self.engine.connect(domain.domid, privileged=False)
+        self._by_conn[conn] = domain
+        domain.restart(conn)
+        self._nursery.start_soon(self._run_guest, guest)
+
+    async def _released(self, domid: int) -> None:
+        guest = self._forget(domid)
+        if guest is None or self._hv is None:
+            return
+        hv = self._hv
+        try:
+            await hv.close_port(guest.domain.channel)
+        except HypervisorError:
+            pass  # the guest's death closed it already
+        await hv.unmap_grants(guest.mapping)  # lets the service free a dead domain
+        log.info("domain %d: released", domid)
+
+    def _forget(self, domid: int) -> _Guest | None:
+        """Stop serving a domain locally (no awaits): the rest is unbinding."""
+        guest = self._guests.pop(domid, None)
+        if guest is None:
+            return None
+        domain = guest.domain
+        guest.scope.cancel()
+        domain.close()
+        if self._by_conn.pop(domain.conn, None) is not None:
+            self.engine.disconnect(domain.conn)
+        domain.ring.release()
+        return guest
+
+    def _destroy(self, domid: int) -> None:
+        """Tear a domain down in the engine (nodes, watches, @releaseDomain)."""
+        self.server.commit_and_deliver(self.engine.domain_died(domid))
+
+    # -- VIRQ_DOM_EXC ---------------------------------------------------------------
+
+    async def _watch_domains(self, virq: EventChannel) -> None:
+        try:
+            while True:
+                await virq.wait()
+                await self.check_domains()
+        except (trio.BrokenResourceError, HypervisorError) as exc:
+            # Cannot happen with a real hypervisor; keep serving the sockets.
+            log.error("lost the hypervisor service (%s): guests are no longer served", exc)
+
+    async def check_domains(self) -> None:
+        """cxenstored ``check_domains``: destroy introduced domains that are
+        dying or gone, report those that shut down."""
+        hv = self._hv
+        assert hv is not None
+        infos = {info.domid: info for info in await hv.list_domains()}
+        for domain in list(self.engine.domains):
+            if not domain.introduced or domain.domid == 0:
+                continue
+            info = infos.get(domain.domid)
+            if info is None or info.dying:
+                self._destroy(domain.domid)
+            elif info.shutdown:
+                self.server.commit_and_deliver(self.engine.domain_shutdown(domain.domid))
