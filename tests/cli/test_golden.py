@@ -175,6 +175,9 @@ CASES = [
     ["xenstore-write", "/g/w", "1", "bad//path", "2"],
     ["xenstore-write", "-p", "/g/w", "1"],
     ["xenstore-write", "/g/" + "z" * 3000, "1"],
+    ["xenstore-write", "/g/w", b"raw \xff\xfe bytes"],  # not UTF-8: must pass through untouched
+    ["xenstore-write", "-R", "/g/w", b"\xc3\xa9\x01"],
+    ["xenstore-read", b"/g/\xff"],
     # rm
     ["xenstore-rm", "/g/a"],
     ["xenstore-rm", "/g/nope"],
@@ -255,8 +258,8 @@ CASES = [
 ]
 
 
-def _case_id(argv: list[str]) -> str:
-    text = " ".join(a if a else "''" for a in argv)
+def _case_id(argv: list) -> str:
+    text = " ".join((a if isinstance(a, str) else repr(a)) if a else "''" for a in argv)
     return text if len(text) < 60 else text[:57] + "..."
 
 
