@@ -33,13 +33,23 @@ _CLEANUP_TIMEOUT = 5.0
 
 
 class _Reply:
-    __slots__ = ("event", "op", "payload", "error")
+    """A caller waiting for one reply: woken directly with trio's low-level
+    reschedule (an Event plus its ParkingLot would cost more per request)."""
+
+    __slots__ = ("task", "done", "op", "payload", "error")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        self.task: trio.lowlevel.Task | None = None  # set while parked
+        self.done = False
         self.op = 0
         self.payload = b""
         self.error: BaseException | None = None
+
+    def complete(self) -> None:
+        self.done = True
+        if self.task is not None:
+            task, self.task = self.task, None
+            trio.lowlevel.reschedule(task)
 
 
 class _AsyncOperations(Operations):
@@ -111,11 +121,20 @@ class Client(_AsyncOperations):
         reply = _Reply()
         self._pending[req_id] = reply
         tx = tx_id if (tx_id and request.transactional) else 0
-        try:
-            self._send(Packet(request.op, req_id, tx, request.payload).encode())
-            await reply.event.wait()
-        finally:
-            # Cancelled before the reply: forget it; the reader drops it.
+        self._send(Packet(request.op, req_id, tx, request.payload).encode())
+        if reply.done:  # failed while sending
+            self._pending.pop(req_id, None)
+            await trio.lowlevel.checkpoint()
+        else:
+            reply.task = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                # Cancelled before the reply: forget it; the reader drops it.
+                reply.task = None
+                self._pending.pop(req_id, None)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
             self._pending.pop(req_id, None)
         if reply.error is not None:
             raise ConnectionClosed(str(reply.error)) from reply.error
@@ -184,21 +203,22 @@ class Client(_AsyncOperations):
                     self._events += 1
                     watch._deliver(to_str(parts[0]))
             return
-        reply = self._pending.get(packet.req_id)
-        if reply is None or reply.event.is_set():
+        reply = self._pending.pop(packet.req_id, None)
+        if reply is None or reply.done:
             return  # its caller was cancelled; nothing to do
         reply.op = packet.op
         reply.payload = packet.payload
-        reply.event.set()
+        reply.complete()
 
     def _fail(self, exc: BaseException) -> None:
         """The connection is dead: wake everybody with the reason."""
         if self._closed is not None:
             return
         self._closed = exc
-        for reply in self._pending.values():
-            reply.error = exc
-            reply.event.set()
+        for reply in list(self._pending.values()):
+            if not reply.done:
+                reply.error = exc
+                reply.complete()
         for watch in list(self._watches.values()):
             watch._close(exc)
         self._outbox_send.close()
