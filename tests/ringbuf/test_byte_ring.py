@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringbuf.byte_ring import ByteRingRole, ConsoleRing, XenstoreRing
+from ringbuf.byte_ring import CONSOLE_LAYOUT, XENSTORE_LAYOUT, ByteRingRole, ConsoleRing, XenstoreRing
 from ringbuf.layouts.console import XENCONSOLE_CONNECTED, XENCONSOLE_DISCONNECTED, XenconsInterface
 from ringbuf.layouts.xenstore import (
     XENSTORE_CONNECTED,
@@ -29,9 +29,15 @@ def word(page: bytearray, offset: int) -> int:
     return memoryview(page)[offset : offset + 4].cast("I")[0]
 
 
+def start_at(page: bytearray, layout, start: int) -> None:
+    """Set every index of a byte-ring page to ``start`` (peers must not assume 0)."""
+    for queue in (layout.guest_to_server, layout.server_to_guest):
+        for name in (queue.cons, queue.prod):
+            put_word(page, getattr(layout.interface, name).offset, start)
+
+
 def start_xenstore_at(page: bytearray, start: int) -> None:
-    for field in (XS.req_cons, XS.req_prod, XS.rsp_cons, XS.rsp_prod):
-        put_word(page, field.offset, start)
+    start_at(page, XENSTORE_LAYOUT, start)
 
 
 def test_guest_writes_req_server_reads_it_and_indices_move():
@@ -55,28 +61,34 @@ def test_full_is_1024_not_empty():
 
 
 @given(
+    ring=st.sampled_from([(XenstoreRing, XENSTORE_LAYOUT), (ConsoleRing, CONSOLE_LAYOUT)]),
     start=st.integers(0, 64).map(lambda k: (0xFFFFFC00 + k * 37) & RING_IDX_MASK),
     data=st.binary(min_size=0, max_size=5000),
-    write_sizes=st.lists(st.integers(1, 1500), min_size=1, max_size=40),
-    read_sizes=st.lists(st.integers(1, 1500), min_size=1, max_size=40),
+    write_sizes=st.lists(st.integers(1, 2500), min_size=1, max_size=40),
+    read_sizes=st.lists(st.integers(1, 2500), min_size=1, max_size=40),
+    guest_writes=st.booleans(),
 )
-@settings(max_examples=120, deadline=None)
-def test_stream_survives_any_chunking_across_the_wrap(start, data, write_sizes, read_sizes):
+@settings(max_examples=150, deadline=None)
+def test_stream_survives_any_chunking_across_the_wrap(ring, start, data, write_sizes, read_sizes, guest_writes):
+    cls, layout = ring
     page = bytearray(4096)
-    start_xenstore_at(page, start)
-    guest, server = XenstoreRing(page, GUEST), XenstoreRing(page, SERVER)
+    start_at(page, layout, start)
+    guest, server = cls(page, GUEST), cls(page, SERVER)
+    writer, reader = (guest, server) if guest_writes else (server, guest)
     sent = received = 0
     out = bytearray()
     i = 0
     while received < len(data):
         w = write_sizes[i % len(write_sizes)]
-        sent += guest.write(data[sent : sent + w])
-        chunk = server.read(read_sizes[i % len(read_sizes)])
+        sent += writer.write(data[sent : sent + w])
+        assert 0 <= reader.readable() <= writer.outgoing.size
+        chunk = reader.read(read_sizes[i % len(read_sizes)])
         out += chunk
         received += len(chunk)
         i += 1
     assert bytes(out) == data
-    assert (word(page, XS.req_prod.offset) - start) & RING_IDX_MASK == len(data) & RING_IDX_MASK
+    assert (writer.outgoing.prod - start) & RING_IDX_MASK == len(data) & RING_IDX_MASK
+    assert writer.outgoing.cons == writer.outgoing.prod
 
 
 @given(start=st.integers(0, RING_IDX_MASK), data=st.binary(min_size=1, max_size=1024))
