@@ -192,6 +192,7 @@ class _Producer:
         self.pvt = start  # next index to fill (req_prod_pvt / rsp_prod_pvt)
         self.published = start  # what we last stored in the shared producer index
         self.barrier = make_full_barrier()
+        self._idx = shared.idx
 
     def put(self, entry: Entry) -> None:
         data = entry if type(entry) is bytes else _entry_bytes(entry)
@@ -249,13 +250,13 @@ class _Producer:
         new = self.pvt
         if old != new:
             # Entries were stored before the index: x86 keeps store order.
-            self.shared.idx[self.prod_word] = new
+            self._idx[self.prod_word] = new
             self.published = new
         return old, new
 
     def peer_wants_notify(self, old: int, new: int) -> bool:
         # Notify iff the peer's event index lies in (old, new].
-        event = self.shared.idx[self.event_word]
+        event = self._idx[self.event_word]
         return ((new - event) & RING_IDX_MASK) < ((new - old) & RING_IDX_MASK)
 
 
@@ -278,13 +279,16 @@ class _Consumer:
         self.what = what
         self.limit = limit  # cons -> most entries a correct peer can have pending
         self.barrier = make_full_barrier()
+        self._idx = shared.idx  # hot path: fewer attribute hops
 
     def unconsumed(self) -> int:
-        prod = self.shared.idx[self.prod_word]  # read once
-        avail = (prod - self.cons) & RING_IDX_MASK
-        limit = self.limit(self.cons)
-        if avail > limit:
-            raise RingIndexError(self.what, prod, self.cons, limit)
+        cons = self.cons
+        prod = self._idx[self.prod_word]  # read once
+        avail = (prod - cons) & RING_IDX_MASK
+        if avail:
+            limit = self.limit(cons)
+            if avail > limit:
+                raise RingIndexError(self.what, prod, cons, limit)
         return avail
 
     def take(self, kind: type, max_count: int | None) -> list:
@@ -292,14 +296,11 @@ class _Consumer:
         if max_count is not None:
             count = min(count, max_count)
         shared = self.shared
-        mem = shared.mem
+        mem, mask, size = shared.mem, shared.mask, shared.entry_size
         cons = self.cons
-        out = []
-        for _ in range(count):
-            # Private copy: the peer may rewrite the slot while we validate it.
-            out.append(kind.from_buffer_copy(mem, shared.slot_offset(cons)))
-            cons = (cons + 1) & RING_IDX_MASK
-        self.cons = cons
+        # Private copies: the peer may rewrite a slot while we validate it.
+        out = [kind.from_buffer_copy(mem, SRING_HEADER_SIZE + ((cons + i) & mask) * size) for i in range(count)]
+        self.cons = (cons + count) & RING_IDX_MASK
         return out
 
     def take_raw(self, max_count: int | None) -> bytes:
@@ -327,7 +328,7 @@ class _Consumer:
 
     def arm(self) -> None:
         """Ask to be notified when the next entry is published."""
-        self.shared.idx[self.event_word] = (self.cons + 1) & RING_IDX_MASK
+        self._idx[self.event_word] = (self.cons + 1) & RING_IDX_MASK
 
 
 class FrontRing(Generic[Req, Rsp]):
