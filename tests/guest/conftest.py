@@ -69,7 +69,7 @@ class GuestProcess:
         self.proc = proc
         self.home = f"/local/domain/{domid}"
         self._replies_send, self._replies = trio.open_memory_channel[dict](math.inf)
-        self._events_send, self.events = trio.open_memory_channel[tuple[int, str]](math.inf)
+        self._events_send, self.events = trio.open_memory_channel[tuple[int, str | None]](math.inf)
 
     async def read_loop(self) -> None:
         buf = b""
@@ -80,6 +80,8 @@ class GuestProcess:
                 msg = json.loads(line)
                 if "event" in msg:
                     self._events_send.send_nowait((msg["watch"], msg["event"]))
+                elif "watch_closed" in msg:  # the client died under the watch
+                    self._events_send.send_nowait((msg["watch_closed"], None))
                 else:
                     self._replies_send.send_nowait(msg)
         self._replies_send.close()
@@ -97,7 +99,8 @@ class GuestProcess:
             raise xenstore.XenStoreError(reply["error"]) if "message" not in reply else AssertionError(reply)
         return reply["ok"]
 
-    async def next_event(self, watch_id: int) -> str:
+    async def next_event(self, watch_id: int) -> str | None:
+        """The next event path of watch ``watch_id`` (None: the watch died)."""
         with trio.fail_after(STEP_TIMEOUT):
             while True:
                 wid, path = await self.events.receive()

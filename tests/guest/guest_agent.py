@@ -15,6 +15,7 @@ Commands (``op``):
 * ``poke``      -- write ``value`` into the ring field ``field``, notify
 * ``raw``       -- put ``hex`` bytes straight into ``req``, notify
 * ``reconnect`` -- close the client, do the reconnection handshake, reopen
+* ``shutdown``  -- report a shutdown (``reason``) to the hypervisor
 * ``bench``     -- ``n`` sequential READs of ``path``; seconds per READ
 """
 
@@ -110,6 +111,8 @@ class Agent:
             await transport.aclose()
             await self.open()
             return None
+        if op == "shutdown":
+            return await self.hv.shutdown(cmd["reason"])
         if op == "bench":
             read = self.client.read
             path = cmd["path"]

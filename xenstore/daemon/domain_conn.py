@@ -140,6 +140,7 @@ class DomainConnection:
             if self.ring.reconnect_requested():
                 self._reconnect()
                 return
+            self.ring.writable()  # validates rsp indices even with nothing to send
             moved = self._write_output()
             limit = self._outstanding_limit()
             reader = self.reader

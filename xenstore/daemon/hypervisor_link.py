@@ -89,7 +89,7 @@ class HypervisorLink:
             except HypervisorError as exc:  # e.g. another xenstored holds it
                 raise OSError(f"hypervisor service {self.path}: cannot bind VIRQ_DOM_EXC: {exc}") from None
             self.server.external_sink = self._route
-            self.server.effects_handler = self._effects_send.send_nowait
+            self.server.effects_handler = self._on_effects
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -138,16 +138,28 @@ class HypervisorLink:
         self._by_conn.pop(conn, None)
         self.server.commit_and_deliver(self.engine.disconnect(conn))
 
+    def _on_effects(self, effects: list) -> None:
+        """Called as the engine's changes are journaled, before any reply
+        leaves: a released domain stops being served right now (its next
+        request must not be answered); mapping, binding and unbinding are
+        requests to the service, done in order by :meth:`_carry_out_effects`."""
+        for item in effects:
+            if isinstance(item, Released):
+                guest = self._forget(item.domid)
+                if guest is not None:
+                    self._effects_send.send_nowait(guest)
+            elif isinstance(item, Introduced):
+                self._effects_send.send_nowait(item)
+
     async def _carry_out_effects(self) -> None:
-        async for effect in self._effects_receive:
-            for item in effect:
-                try:
-                    if isinstance(item, Introduced):
-                        await self._introduced(item)
-                    elif isinstance(item, Released):
-                        await self._released(item.domid)
-                except (HypervisorError, GrantError, OSError) as exc:
-                    log.error("%r failed: %s", item, exc)
+        async for item in self._effects_receive:
+            try:
+                if isinstance(item, Introduced):
+                    await self._introduced(item)
+                else:
+                    await self._unbind(item)
+            except (HypervisorError, GrantError, OSError) as exc:
+                log.error("%r failed: %s", item, exc)
 
     # -- introduce / release ---------------------------------------------------------
 
@@ -220,17 +232,16 @@ class HypervisorLink:
         domain.restart(conn)
         self._nursery.start_soon(self._run_guest, guest)
 
-    async def _released(self, domid: int) -> None:
-        guest = self._forget(domid)
-        if guest is None or self._hv is None:
-            return
+    async def _unbind(self, guest: _Guest) -> None:
+        """The service's half of releasing a domain we no longer serve."""
         hv = self._hv
+        assert hv is not None
         try:
             await hv.close_port(guest.domain.channel)
         except HypervisorError:
             pass  # the guest's death closed it already
         await hv.unmap_grants(guest.mapping)  # lets the service free a dead domain
-        log.info("domain %d: released", domid)
+        log.info("domain %d: released", guest.domain.domid)
 
     def _forget(self, domid: int) -> _Guest | None:
         """Stop serving a domain locally (no awaits): the rest is unbinding."""
