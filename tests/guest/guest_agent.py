@@ -40,6 +40,8 @@ def encode(value):
         return value.decode("latin-1")
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
     return value if isinstance(value, (int, str, bool, type(None), float)) else str(value)
 
 
