@@ -10,6 +10,12 @@ Async (trio)::
             await t.write("/b", await t.read("/a"))
         result = await c.transact(fn)                 # retried on EAGAIN
 
+Inside a guest domain (over its XenStore ring; see
+:mod:`xenstore.client.ring_transport` for the environment it needs)::
+
+    async with xenstore.open_guest_client() as c:
+        await c.write("data/x", b"1")                 # relative to /local/domain/<domid>
+
 Blocking (no trio import)::
 
     with xenstore.open_sync_client() as c:
@@ -32,6 +38,10 @@ __all__ = [
     "Transport",
     "StreamTransport",
     "open_unix_transport",
+    # inside a guest domain (its ring page + event channel)
+    "open_guest_client",
+    "RingTransport",
+    "open_ring_transport",
     # blocking client
     "open_sync_client",
     "SyncClient",
@@ -55,6 +65,9 @@ _WHERE = {
     "Transport": "xenstore.client._transport",
     "StreamTransport": "xenstore.client._transport",
     "open_unix_transport": "xenstore.client._transport",
+    "open_guest_client": "xenstore.client.ring_transport",
+    "RingTransport": "xenstore.client.ring_transport",
+    "open_ring_transport": "xenstore.client.ring_transport",
     "open_sync_client": "xenstore.client._sync",
     "SyncClient": "xenstore.client._sync",
     "SyncTransaction": "xenstore.client._sync",
