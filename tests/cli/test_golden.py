@@ -21,6 +21,8 @@ import tempfile
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xenstore.client._sync import open_sync_client
 
@@ -341,3 +343,23 @@ def test_ls_width_follows_the_terminal(tools, socket_path):
         ours, theirs = run_sized("py", argv), run_sized("c", argv)
         assert ours == theirs
         assert (b'\\..."' in ours) == cut  # values cut at the 50-column tty's width
+
+
+TOKENS = [
+    "-p", "-s", "-R", "-f", "-t", "-u", "-r", "-h", "-x", "-pR", "-fp", "--", "-", "",
+    "--prefix", "--raw", "--pre", "--r", "--tidy", "--flat", "--help=1", "--bogus",
+    "/g/a", "/g/b", "/g/c", "/g/c/d", "/g/nope", "/g/many", "rel", "/", "b3", "r0", "n0", "x1", "a\\x41\\",
+]
+
+
+@needs_debian
+@settings(max_examples=int(os.environ.get("USERXEN_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    mode=st.sampled_from(["read", "write", "rm", "exists", "list", "ls", "chmod"]),
+    args=st.lists(st.sampled_from(TOKENS), max_size=5),
+    multiplexed=st.booleans(),
+)
+def test_random_command_lines(tools, socket_path, mode, args, multiplexed):
+    """Any mix of options and operands behaves like Xen's tool."""
+    argv = ["xenstore", mode, *args] if multiplexed else [f"xenstore-{mode}", *args]
+    test_same_as_xen(tools, socket_path, argv)
