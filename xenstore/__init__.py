@@ -37,6 +37,7 @@ __all__ = [
     "Watch",
     "Transport",
     "StreamTransport",
+    "UnixSocketTransport",
     "open_unix_transport",
     # inside a guest domain (its ring page + event channel)
     "open_guest_client",
@@ -64,6 +65,7 @@ _WHERE = {
     "Watch": "xenstore.client._async",
     "Transport": "xenstore.client._transport",
     "StreamTransport": "xenstore.client._transport",
+    "UnixSocketTransport": "xenstore.client._transport",
     "open_unix_transport": "xenstore.client._transport",
     "open_guest_client": "xenstore.client.ring_transport",
     "RingTransport": "xenstore.client.ring_transport",
