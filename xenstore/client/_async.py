@@ -152,7 +152,7 @@ class Client(_AsyncOperations):
         if not self._backlog and len(self._pending) <= 1:
             try:
                 sent = self._transport.send_nowait(data)
-            except OSError as exc:
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(exc)
                 return
             if sent == len(data):
