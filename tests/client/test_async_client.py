@@ -348,3 +348,17 @@ async def test_exceptions_in_the_body_are_not_wrapped(socket_path):
         async with xenstore.open_client(socket_path):
             raise KeyError("mine")
 
+
+
+class BrokenOnSend(StreamTransport):
+    def send_nowait(self, data):
+        raise trio.BrokenResourceError("the ring is gone")
+
+
+async def test_transport_failing_on_send_closes_the_connection():
+    client_stream, _server_stream = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with xenstore.open_client(transport=BrokenOnSend(client_stream)) as c:
+            with pytest.raises(ConnectionClosed):
+                await c.read("/x")
+            assert c.closed
