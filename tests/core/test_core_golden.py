@@ -34,6 +34,12 @@ DEVIATIONS: dict[tuple[str, int], tuple[int, bytes, str]] = {
 }
 
 
+# (script, step index) -> the events the engine sends instead.
+EVENT_DEVIATIONS: dict[tuple[str, int], dict[int, list[bytes]]] = {
+    ("s4", 19): {},  # the refused watch has no initial event (_OFF_BY_ONE)
+}
+
+
 def replay(name: str):
     doms, steps = SCRIPTS[name]
     engine = Engine()
@@ -63,12 +69,6 @@ def replay(name: str):
         if got != expected or got_events != events:
             mismatches.append((i, (who, tx, op, payload), got, expected, got_events, events))
     return mismatches
-
-
-# (script, step index) -> the events the engine sends instead.
-EVENT_DEVIATIONS: dict[tuple[str, int], dict[int, list[bytes]]] = {
-    ("s4", 19): {},  # the refused watch has no initial event (_OFF_BY_ONE)
-}
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING
 
 from .paths import home_path
@@ -13,9 +12,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection"]
 
-_ids = itertools.count(1)
-
-
 class Connection:
     """One client: a Unix-socket client (dom0, privileged) or a domain's ring.
 
@@ -23,7 +19,7 @@ class Connection:
     checks and quotas and may use privileged operations (cxenstored: socket
     connections and dom0); ``target``: the domain this one controls after
     ``SET_TARGET`` (device-model stub domains), else ``None``.
-    Hashable by identity; ``id`` is unique within the process.
+    Hashable by identity; ``id`` is unique within its engine.
     """
 
     __slots__ = (
@@ -39,8 +35,8 @@ class Connection:
         "__weakref__",
     )
 
-    def __init__(self, domid: int, privileged: bool) -> None:
-        self.id = next(_ids)
+    def __init__(self, conn_id: int, domid: int, privileged: bool) -> None:
+        self.id = conn_id
         self.domid = domid
         self.privileged = privileged
         self.target: int | None = None

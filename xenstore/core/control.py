@@ -9,13 +9,13 @@ record the request in :class:`ControlState`; the I/O layer may act on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 from ..wire import XenStoreError
 from .domains import DomainTable
 from .limits import Limits
 
-__all__ = ["ControlState", "DomainUsage", "run_control", "HELP_TEXT", "c_atoi", "c_strtoul10"]
+__all__ = ["ControlState", "run_control", "HELP_TEXT", "c_atoi", "c_strtoul10"]
 
 HELP_TEXT = (
     "check\t\n"
@@ -38,10 +38,6 @@ class ControlState:
     logging: bool = False
     logfile: str | None = None
     memreport_file: str | None = None
-
-
-class DomainUsage(Protocol):
-    def __call__(self, domid: int) -> dict[str, int]: ...
 
 
 def c_atoi(text: str) -> int:

@@ -81,6 +81,7 @@ class Engine:
         self.control_state = ControlState()
         self.features = features
         self._conns: dict[int, Connection] = {}
+        self._next_conn_id = 0
         self._effects: list = []
         # Per-request scratch: deliveries queued before the reply / after it.
         self._out: list[Delivery] = []
@@ -116,7 +117,8 @@ class Engine:
 
     def connect(self, domid: int = 0, privileged: bool = True) -> Connection:
         """A new client connection (socket: dom0 privileged; ring: the guest)."""
-        conn = Connection(domid, privileged)
+        self._next_conn_id += 1
+        conn = Connection(self._next_conn_id, domid, privileged)
         domain = self.domains.get(domid)
         if domain is not None:
             conn.target = domain.target
