@@ -9,6 +9,10 @@ Inside the guest process started by the toolstack it
 * writes to its primary PV console (:mod:`xenbus.console_frontend`): a
   boot banner, then a ``tick <n>`` line every ``--interval`` seconds, and
   echoes whatever is typed on the console (``uxl console``),
+* runs a :class:`~xenbus.frontend_host.FrontendHost` for its secondary
+  consoles (``device/console/<n>``, XenBus devices the toolstack adds with
+  ``--consoles``): on each it announces itself and echoes input, again
+  after every reconnection of the backend,
 * advertises ``control/feature-poweroff`` / ``-reboot`` and reacts to
   ``control/shutdown`` (fact sheet 4.3: read and acknowledge in one
   transaction, then act): it says goodbye on the console, reports the
@@ -23,13 +27,15 @@ import sys
 import trio
 
 from ringbuf.hypervisor import open_hypervisor
+from ringbuf.memory import FrameAllocator
 from ringbuf.hypervisor.domains import SHUTDOWN_poweroff, SHUTDOWN_reboot
 from xenstore.client.ring_transport import open_guest_client
 from xenstore.wire import XenStoreError
 
-from .console_frontend import GuestConsole, open_guest_console
+from .console_frontend import ConsoleFrontend, GuestConsole, open_guest_console
+from .frontend_host import FrontendHost
 from .paths import domain_path
-from .start_info import ConsoleStart
+from .start_info import ConsoleStart, magic_frames
 
 __all__ = ["main", "wait_for_shutdown", "SHUTDOWN_REASONS"]
 
@@ -82,6 +88,14 @@ async def _echo(console: GuestConsole) -> None:
         await console.write(data.replace(b"\r", b"\r\n"))
 
 
+def _secondary_console_session(name: str, devid: int):
+    async def session(console: GuestConsole, connection: int) -> None:
+        await console.write(f"{name}: console {devid} connected (#{connection})\r\n")
+        await _echo(console)
+
+    return session
+
+
 async def run_guest(args: argparse.Namespace) -> int:
     start = ConsoleStart.from_env()
     async with open_hypervisor() as hv, open_guest_client(hypervisor=hv) as xs:
@@ -98,6 +112,14 @@ async def run_guest(args: argparse.Namespace) -> int:
                 await console.write(f"userxen guest {name} (domid {domid}) booted. {args.message}\r\n")
                 nursery.start_soon(_ticks, console, args.interval, args.ticks)
                 nursery.start_soon(_echo, console)
+            # Frames below the two magic pages are ours to grant.
+            frames = FrameAllocator(0, min(magic_frames(hv.nr_pages)))
+
+            def console_frontend(store, device):
+                return ConsoleFrontend.for_device(store, device, hv=hv, frames=frames,
+                                                  session=_secondary_console_session(name, device.devid))
+
+            await nursery.start(FrontendHost(xs, domid, {"console": console_frontend}).run)
             await _advertise(xs, domid)
             command = await wait_for_shutdown(xs, domid)
             if console is not None:

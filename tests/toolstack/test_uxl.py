@@ -180,9 +180,22 @@ def test_destroy_kills_the_guest_and_cleans_up(host):
     assert host.uxl("destroy", "0", check=False).returncode == 1
 
 
+def secondary_log(host, domid: int, devid: int) -> bytes:
+    try:
+        with open(os.path.join(host.log_dir, f"guest-{domid}-{devid}.log"), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
 def test_console_daemon_restart_resumes_guest_output(host):
-    domid = host.create("echo", "--interval", "0.02")
+    out = host.uxl("create", "echo", "--consoles", "1", "--", sys.executable, "-m", "xenbus.guest", "--interval", "0.02")
+    domid = int(out.stdout.decode().rsplit("id ", 1)[1].rstrip(")\n"))
     host.wait_log(domid, b"tick 3\r\n")
+    # The secondary console is a XenBus device: both ends Connected.
+    wait_until(lambda: b"echo: console 1 connected (#1)\r\n" in secondary_log(host, domid, 1), "console 1")
+    assert host.read(f"/local/domain/{domid}/device/console/1/state") == b"4"
+    assert host.read(f"/local/domain/0/backend/console/{domid}/1/state") == b"4"
     host.kill_consoled()
     killed_at = len(host.log(domid))
     time.sleep(0.5)  # ~25 ticks (~250 bytes) wait in the guest's 2 KiB ring
@@ -192,13 +205,21 @@ def test_console_daemon_restart_resumes_guest_output(host):
     # Nothing lost: every tick line from 1 to 60 is there, in order.
     lines = [line for line in log.split(b"\r\n") if line.startswith(b"tick ")]
     assert lines[:60] == [b"tick %d" % n for n in range(1, 61)]
-    # And the new daemon serves attaches again.
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(host.console_path)
-        sock.sendall(b"ATTACH %d\n" % domid)
-        assert sock.recv(3) == b"OK\n"
+    # The secondary console went through the XenBus reset and reconnected
+    # with a fresh page (the restarted backend had lost its mapping).
+    wait_until(lambda: b"echo: console 1 connected (#2)\r\n" in secondary_log(host, domid, 1), "console 1 reconnected")
+    # And the new daemon serves attaches again, on both consoles.
+    for devid in (0, 1):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(host.console_path)
+            sock.sendall(b"ATTACH %d %d\nabc\r" % (domid, devid))
+            data = b""
+            while b"abc\r\n" not in data:
+                data += sock.recv(4096)
+            assert data.startswith(b"OK\n")
     host.uxl("destroy", "echo")
+    assert host.read(f"/local/domain/0/backend/console/{domid}") is None
 
 
 def test_create_from_a_config_file(host, tmp_path):

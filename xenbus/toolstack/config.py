@@ -5,6 +5,7 @@ literals; ``#`` starts a comment::
 
     name = "web1"
     memory = 2                      # MiB, as in xl.cfg
+    consoles = 1                    # secondary PV consoles (device/console/1..N)
     command = ["python3", "-m", "xenbus.guest", "--ticks", "5"]   # or one string (shell-split)
 
 ``command`` is what the guest process runs (the "kernel"); without it the
@@ -23,7 +24,7 @@ __all__ = ["DomainConfig", "ConfigError", "parse_config", "default_guest_command
 
 PAGES_PER_MIB = 256
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-_KNOWN = ("name", "memory", "command", "console")
+_KNOWN = ("name", "memory", "command", "console", "consoles")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class DomainConfig:
     command: list[str] = field(default_factory=default_guest_command)
     memory_mib: int = 1
     console: bool = True  # give the guest a primary console
+    consoles: int = 0  # secondary consoles (XenBus devices console/1..N)
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name) or self.name.isdigit():
@@ -48,6 +50,8 @@ class DomainConfig:
             raise ConfigError(f"memory must be 1..1024 MiB, not {self.memory_mib}")
         if not self.command or not all(isinstance(a, str) for a in self.command):
             raise ConfigError("command must be a non-empty list of strings")
+        if not 0 <= self.consoles <= 8:
+            raise ConfigError(f"consoles must be 0..8, not {self.consoles}")
 
     @property
     def nr_pages(self) -> int:
@@ -95,6 +99,11 @@ def parse_config(text: str, *, source: str = "<config>") -> DomainConfig:
         kwargs["command"] = command
     if "console" in values:
         kwargs["console"] = bool(values["console"])
+    if "consoles" in values:
+        consoles = values["consoles"]
+        if not isinstance(consoles, int) or isinstance(consoles, bool):
+            raise ConfigError(f"{source}: consoles must be an integer")
+        kwargs["consoles"] = consoles
     return DomainConfig(**kwargs)  # type: ignore[arg-type]
 
 

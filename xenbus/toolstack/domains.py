@@ -40,6 +40,7 @@ __all__ = [
     "CreatedDomain",
     "DomainRow",
     "create_domain",
+    "write_device",
     "destroy_domain",
     "cleanup_domain",
     "request_shutdown",
@@ -116,6 +117,9 @@ async def write_toolstack_entries(t: Any, domid: int, config: DomainConfig, vm_u
     libxl = f"/libxl/{domid}"
     await t.write(f"{libxl}/type", "pv")
     await t.write(f"{libxl}/uuid", vm_uuid)
+    for devid in range(1, config.consoles + 1):
+        await write_device(t, DeviceId("console", frontend_domid=domid, backend_domid=0, devid=devid),
+                           console_frontend_entries, console_backend_entries)
     if console is None:
         return
     dev = DeviceId("console", frontend_domid=domid, backend_domid=0, devid=0)
@@ -127,6 +131,19 @@ async def write_toolstack_entries(t: Any, domid: int, config: DomainConfig, vm_u
     await t.set_perms(dev.backend, dev.backend_perms)
     for key, value in console_backend_entries(dev).items():
         await t.write(f"{dev.backend}/{key}", value)
+    await t.write(f"{dev.libxl_path}/frontend", dev.frontend)
+    await t.write(f"{dev.libxl_path}/backend", dev.backend)
+
+
+async def write_device(t: Any, dev: DeviceId, frontend_entries: Any, backend_entries: Any) -> None:
+    """A XenBus device's two directories (libxl ``libxl__device_generic_add``):
+    cross references, ``state = 1``, permissions, and the toolstack's copy."""
+    for path, perms, entries in ((dev.frontend, dev.frontend_perms, frontend_entries(dev)),
+                                 (dev.backend, dev.backend_perms, backend_entries(dev))):
+        await t.mkdir(path)
+        await t.set_perms(path, list(perms))
+        for key, value in entries.items():
+            await t.write(f"{path}/{key}", value)
     await t.write(f"{dev.libxl_path}/frontend", dev.frontend)
     await t.write(f"{dev.libxl_path}/backend", dev.backend)
 

@@ -53,8 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     fd = int(os.environ[ENV_FD])
-    with open(args.output, "ab") as out:
-        guest = subprocess.Popen(command, pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        with open(args.output, "ab") as out:
+            guest = subprocess.Popen(command, pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    except OSError as exc:
+        print(f"uxl-monitor: dom{args.domid}: cannot start {command[:1]}: {exc}", file=sys.stderr)
+        os.close(fd)  # the domain dies with its last connection
+        _cleanup_logged(args.domid, args.uuid)
+        return 127
     os.close(fd)  # the guest holds the domain now
     try:
         trio.run(_record_pid, args.domid, guest.pid)
@@ -62,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uxl-monitor: dom{args.domid}: cannot record the guest pid: {exc}", file=sys.stderr)
     status = guest.wait()
     print(f"uxl-monitor: dom{args.domid}: guest exited with status {status}", file=sys.stderr)
+    return _cleanup_logged(args.domid, args.uuid)
+
+
+def _cleanup_logged(domid: int, vm_uuid: str) -> int:
     try:
-        trio.run(_cleanup, args.domid, args.uuid)
+        trio.run(_cleanup, domid, vm_uuid)
     except Exception as exc:
-        print(f"uxl-monitor: dom{args.domid}: cleanup failed: {exc}", file=sys.stderr)
+        print(f"uxl-monitor: dom{domid}: cleanup failed: {exc}", file=sys.stderr)
         return 1
     return 0
 

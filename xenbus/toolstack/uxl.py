@@ -1,6 +1,7 @@
 """``uxl``: the userxen toolstack command (an ``xl`` subset).
 
-    uxl create NAME [-m MiB] [-- CMD...]   start a guest running CMD (default: the demo guest)
+    uxl create NAME [-m MiB] [--consoles N] [-- CMD...]
+                                           start a guest running CMD (default: the demo guest)
     uxl create CONFIG                      ... described by an xl.cfg-style file
     uxl list                               domains, like `xl list`
     uxl shutdown [-w] [-R] DOMAIN          ask the guest to power off (reboot with -R); -w waits
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("target", help="a config file, or the new domain's name")
     c.add_argument("-m", "--memory", type=int, default=None, help="MiB (with a name)")
     c.add_argument("-c", "--console", action="store_true", help="attach to its console afterwards")
-    c.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD... (with a name)")
+    c.add_argument("--consoles", type=int, default=0, help="secondary PV consoles (with a name)")
 
     sub.add_parser("list", help="list domains")
 
@@ -92,14 +93,14 @@ async def _connections(args: argparse.Namespace, *, hypervisor: bool = True):
 
 
 def _config(args: argparse.Namespace) -> DomainConfig:
-    command = args.guest_command[1:] if args.guest_command[:1] == ["--"] else args.guest_command
+    command = args.guest_command
     if os.path.isfile(args.target):
-        if command or args.memory is not None:
-            raise ConfigError("a config file takes no -m or command")
+        if command or args.memory is not None or args.consoles:
+            raise ConfigError("a config file takes no -m, --consoles or command")
         with open(args.target) as f:
             return parse_config(f.read(), source=args.target)
     return DomainConfig(name=args.target, command=command or default_guest_command(),
-                        memory_mib=args.memory if args.memory is not None else 1)
+                        memory_mib=args.memory if args.memory is not None else 1, consoles=args.consoles)
 
 
 async def _create(args: argparse.Namespace) -> int:
@@ -224,7 +225,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the guest's command line.
+    guest_command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, guest_command = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
+    args.guest_command = guest_command
+    if guest_command and args.command != "create":
+        print("uxl: only create takes -- CMD...", file=sys.stderr)
+        return 2
     if args.command == "consoled":
         if args.socket is None and args.console_socket is not None:
             args.socket = args.console_socket
