@@ -238,6 +238,7 @@ class XenstoreServer:
         #: engine's effects (Introduced, Released) to ``effects_handler``.
         self.external_sink: Callable[[Any, Packet], None] | None = None
         self.effects_handler: Callable[[list], None] | None = None
+        self._readers: dict[int, Callable[[], None]] = {}  # see add_reader
 
     # -- public ----------------------------------------------------------
 
@@ -313,6 +314,9 @@ class XenstoreServer:
                     continue
                 client = by_fd.get(fd)
                 if client is None:
+                    reader = self._readers.get(fd)
+                    if reader is not None:
+                        reader()
                     continue
                 if mask & _EPOLLOUT:
                     self._flush(client)
@@ -494,6 +498,22 @@ class XenstoreServer:
                 client.queue.push_replies(data)
             touched.append(client)
         return touched
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` from the loop whenever ``fd`` is readable
+        (level-triggered: the callback drains it).  Guest rings' event
+        channels are served this way, in the same loop and linger as the
+        sockets, so neither kind of client waits for the other."""
+        self._readers[fd] = callback
+        self._epoll.register(fd, _EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed); idempotent."""
+        if self._readers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):  # the loop has ended
+                pass
 
     def commit_and_deliver(self, deliveries: list[tuple[Any, Packet]]) -> None:
         """Engine output produced outside the socket loop (guest rings,
