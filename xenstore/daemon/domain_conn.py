@@ -24,7 +24,8 @@ feature is offered to it), a notification, and is no longer served: its
 engine connection goes, the domain stays introduced until RELEASE or death,
 as cxenstored's ``ignore_connection``.  Other guests are not affected.
 
-No trio here except :meth:`DomainConnection.run`, the wait loop.
+No waiting here: the daemon's loop calls :meth:`DomainConnection.on_event`
+when the channel's eventfd is readable.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import trio
 from ringbuf.byte_ring import XenstoreRing
 from ringbuf.evtchn import EventChannel
 from ringbuf.layouts.xenstore import (
+    XENSTORE_ERROR_COMM,
     XENSTORE_ERROR_PROTO,
     XENSTORE_ERROR_RINGIDX,
     XENSTORE_SERVER_FEATURE_ERROR,
@@ -93,6 +95,7 @@ class DomainConnection:
         #: XENSTORE_ERROR_* this connection was dropped with (0 = none).
         self.error = 0
         self.requests = 0
+        self._in_service = False
 
     # -- output ----------------------------------------------------------------
 
@@ -110,6 +113,8 @@ class DomainConnection:
             self.queue.push_event(data)
         else:
             self.queue.push_replies(data)
+        if self._in_service:
+            return  # written, with one notification, when service() ends
         try:
             if self._write_output():
                 self.channel.notify()
@@ -136,6 +141,7 @@ class DomainConnection:
             return
         moved = False
         batch: list[Packet] = []
+        self._in_service = True
         try:
             if self.ring.reconnect_requested():
                 self._reconnect()
@@ -159,18 +165,25 @@ class DomainConnection:
                     break
                 self.requests += len(batch)
                 submitted, batch = batch, []
-                self._submit(self.conn, submitted)  # replies arrive via deliver()
+                self._submit(self.conn, submitted)  # replies are queued via deliver()
                 if not self.serving:
                     return
+                moved = self._write_output() or moved
         except RingIndexError as exc:
             self._fail(XENSTORE_ERROR_RINGIDX, str(exc))
         except ProtocolError as exc:
             if batch:  # the requests before the bad header are answered
                 self._submit(self.conn, batch)
+                try:
+                    self._write_output()
+                except RingIndexError:
+                    pass
             self._fail(XENSTORE_ERROR_PROTO, str(exc))
         else:
             if moved:
                 self.channel.notify()
+        finally:
+            self._in_service = False
 
     def _reconnect(self) -> None:
         """Server side of the guest-initiated reconnection handshake."""
@@ -207,17 +220,23 @@ class DomainConnection:
             pass
         self._drop(self.conn)
 
-    # -- the task ------------------------------------------------------------------
+    # -- wake-ups ------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve until cancelled or the guest's end of the channel goes away
-        (the domain is dying: the VIRQ_DOM_EXC scan tears it down)."""
+    def on_event(self) -> None:
+        """The event channel fired: clear it, then look at the page (the
+        daemon's loop calls this when the channel's eventfd is readable)."""
+        if self.closed:
+            return
         try:
-            while not self.closed:
-                self.service()
-                await self.channel.wait()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.info("domain %d: event channel closed", self.domid)
+            self.channel.consume_nowait()
+        except trio.ClosedResourceError:
+            return
+        try:
+            self.service()
+        except Exception:  # a bug must not take the daemon down: drop this guest
+            log.exception("domain %d: ring service failed", self.domid)
+            if self.serving:
+                self._fail(XENSTORE_ERROR_COMM, "internal error")
 
     def close(self) -> None:
         """Stop serving (idempotent); the owner unmaps and unbinds."""

@@ -54,12 +54,11 @@ ENV_HYPERVISOR_PATH = "UXEN_HYPERVISOR_PATH"
 class _Guest:
     """A served domain: its ring connection and the resources behind it."""
 
-    __slots__ = ("domain", "mapping", "scope")
+    __slots__ = ("domain", "mapping")
 
     def __init__(self, domain: DomainConnection, mapping: GrantMapping) -> None:
         self.domain = domain
         self.mapping = mapping
-        self.scope = trio.CancelScope()
 
 
 class HypervisorLink:
@@ -76,7 +75,6 @@ class HypervisorLink:
         self._by_conn: dict[Any, DomainConnection] = {}
         self._effects_send, self._effects_receive = trio.open_memory_channel[Any](math.inf)
         self._hv: HypervisorClient | None = None
-        self._nursery: trio.Nursery | None = None
 
     # -- public --------------------------------------------------------------
 
@@ -92,7 +90,6 @@ class HypervisorLink:
             self.server.effects_handler = self._on_effects
             try:
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
                     nursery.start_soon(self._carry_out_effects)
                     nursery.start_soon(self._watch_domains, virq)
                     task_status.started()
@@ -165,7 +162,7 @@ class HypervisorLink:
 
     async def _introduced(self, item: Introduced) -> None:
         hv = self._hv
-        assert hv is not None and self._nursery is not None
+        assert hv is not None
         domid = item.domid
         guest = self._guests.get(domid)
         if guest is not None:
@@ -186,6 +183,10 @@ class HypervisorLink:
             await hv.unmap_grants(mapping)
             self._destroy(domid)
             return
+        if not self.engine.domains.is_introduced(domid):  # released meanwhile
+            await hv.close_port(channel)
+            await hv.unmap_grants(mapping)
+            return
         ring = XenstoreRing(mapping.pages[0], ByteRingRole.SERVER)
         ring.advertise_features(self._features(domid))
         conn = self.engine.connect(domid, privileged=False)
@@ -204,24 +205,20 @@ class HypervisorLink:
         self._by_conn[conn] = domain
         if ring.connection:  # a guest waiting for us (dom0less style): done
             ring.complete_reconnect()
-        self._nursery.start_soon(self._run_guest, guest)
+        self.server.add_reader(channel.wait_fd, domain.on_event)
+        domain.on_event()
         log.info("domain %d: serving its ring (port %d)", domid, channel.port)
 
     def _features(self, domid: int) -> int:
         domain = self.engine.domains.get(domid)
         return self.engine.features if domain is None else domain.features & self.engine.features
 
-    async def _run_guest(self, guest: _Guest) -> None:
-        with guest.scope:
-            await guest.domain.run()
-
     async def _rebind(self, guest: _Guest, port: int) -> None:
         """Re-introduction: a new binding and a fresh start on the same page."""
         hv = self._hv
-        assert hv is not None and self._nursery is not None
+        assert hv is not None
         domain = guest.domain
-        guest.scope.cancel()
-        guest.scope = trio.CancelScope()
+        self.server.remove_reader(domain.channel.wait_fd)
         await hv.close_port(domain.channel)
         domain.channel = await hv.bind_interdomain(domain.domid, port)
         old = domain.conn
@@ -230,7 +227,9 @@ class HypervisorLink:
         conn = self.engine.connect(domain.domid, privileged=False)
         self._by_conn[conn] = domain
         domain.restart(conn)
-        self._nursery.start_soon(self._run_guest, guest)
+        if not domain.closed:
+            self.server.add_reader(domain.channel.wait_fd, domain.on_event)
+            domain.on_event()
 
     async def _unbind(self, guest: _Guest) -> None:
         """The service's half of releasing a domain we no longer serve."""
@@ -249,7 +248,7 @@ class HypervisorLink:
         if guest is None:
             return None
         domain = guest.domain
-        guest.scope.cancel()
+        self.server.remove_reader(domain.channel.wait_fd)
         domain.close()
         if self._by_conn.pop(domain.conn, None) is not None:
             self.engine.disconnect(domain.conn)
