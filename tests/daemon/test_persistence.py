@@ -146,7 +146,9 @@ def test_compaction_keeps_the_store_and_bounds_the_journal(xenstored_factory):
         c.send_raw(batch)
         for i in range(50):
             assert c.read_reply().op == Op.WRITE
-    time.sleep(0.5)  # the snapshot is written off the request path
+    deadline = time.monotonic() + 15  # the snapshot is written off the request path
+    while len(journals(d.state_dir)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     names = os.listdir(d.state_dir)
     assert "snapshot" in names and len(journals(d.state_dir)) == 1
     assert os.path.getsize(os.path.join(d.state_dir, journals(d.state_dir)[0])) < 60000
