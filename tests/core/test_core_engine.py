@@ -299,6 +299,7 @@ def test_a_peer_cannot_crash_the_engine(engine, dom0):
                 for conn in (dom0, guest):
                     out = engine.handle(conn, Packet(op, 1, tx, payload))
                     assert out and all(p.op != Op.ERROR or p.payload != b"EIO\0" for _, p in out)
+    assert engine.internal_errors == 0
 
 
 # -- limits -------------------------------------------------------------------------

@@ -424,6 +424,10 @@ class EngineVsModel(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------
 
     @invariant()
+    def no_internal_errors(self):
+        assert self.engine.internal_errors == 0, self.engine.last_internal_error
+
+    @invariant()
     def store_round_trips(self):
         store = self.engine.store
         snap = store.snapshot()

@@ -82,6 +82,9 @@ class Engine:
         self.features = features
         self._conns: dict[int, Connection] = {}
         self._next_conn_id = 0
+        #: Requests answered EIO because of an engine bug (should stay 0).
+        self.internal_errors = 0
+        self.last_internal_error: Exception | None = None
         self._effects: list = []
         # Per-request scratch: deliveries queued before the reply / after it.
         self._out: list[Delivery] = []
@@ -157,7 +160,9 @@ class Engine:
             if self._after:
                 self._after = []
             return out
-        except Exception:  # a bug must not take the daemon down with it
+        except Exception as exc:  # a bug must not take the daemon down with it
+            self.internal_errors += 1
+            self.last_internal_error = exc  # for the daemon to log
             out.append((conn, packet.error_reply("EIO")))
             self._after = []
             return out
@@ -204,6 +209,7 @@ class Engine:
             "connections": len(self._conns),
             "domains": sum(1 for d in self.domains if d.introduced),
             "generation": self.store.generation,
+            "internal_errors": self.internal_errors,
         }
 
     def domain_usage(self, domid: int) -> dict[str, int]:
