@@ -46,7 +46,7 @@ from .state import XenbusState, format_state
 __all__ = [
     "ConsoleEndpoint",
     "ConsoleHypervisor",
-    "EndpointFactory",
+    "ConsoleEndpoints",
     "pump_console",
     "PrimaryConsoleBackend",
     "ConsoleBackend",
@@ -72,8 +72,14 @@ class ConsoleEndpoint(Protocol):
         """Call ``wake()`` whenever new input is queued."""
 
 
-#: ``factory(frontend_domid, devid)`` -> the endpoint of that console.
-EndpointFactory = Callable[[int, int], ConsoleEndpoint]
+class ConsoleEndpoints(Protocol):
+    """The daemon's consoles by ``(frontend domid, devid)``."""
+
+    def endpoint(self, domid: int, devid: int) -> ConsoleEndpoint:
+        """The endpoint of that console (the same one across reconnections)."""
+
+    def release(self, domid: int, devid: int) -> None:
+        """The device is gone for good: forget its endpoint."""
 
 
 class ConsoleHypervisor(Protocol):
@@ -170,7 +176,7 @@ class _MappedConsole:
 class PrimaryConsoleBackend:
     """Console device 0 of one guest, served like ``xenconsoled`` does."""
 
-    def __init__(self, store: Store, device: DeviceId, hv: ConsoleHypervisor, endpoints: EndpointFactory) -> None:
+    def __init__(self, store: Store, device: DeviceId, hv: ConsoleHypervisor, endpoints: ConsoleEndpoints) -> None:
         if not device.is_primary_console:
             raise ValueError(f"not a primary console: {device!r}")
         self.store = store
@@ -190,6 +196,7 @@ class PrimaryConsoleBackend:
                 nursery.start_soon(self._serve)
                 await removed.wait()
             nursery.cancel_scope.cancel()
+        self.endpoints.release(self.device.frontend_domid, self.device.devid)
 
     async def _exists(self) -> bool:
         try:
@@ -231,7 +238,7 @@ class PrimaryConsoleBackend:
             self.served += 1
             await self._set_state(XenbusState.Connected)
             self.serving.set()
-            endpoint = self.endpoints(device.frontend_domid, device.devid)
+            endpoint = self.endpoints.endpoint(device.frontend_domid, device.devid)
             await pump_console(console.ring, console.channel, endpoint)
             log.info("dom%d console: the guest closed its port", device.frontend_domid)
         finally:
@@ -258,7 +265,7 @@ class ConsoleBackend(Backend):
     """A secondary console (``device/console/<n>``, n >= 1): XenBus handshake,
     then the same page service as the primary console."""
 
-    def __init__(self, store: Store, nodename: str, own_domid: int, *, hv: ConsoleHypervisor, endpoints: EndpointFactory) -> None:
+    def __init__(self, store: Store, nodename: str, own_domid: int, *, hv: ConsoleHypervisor, endpoints: ConsoleEndpoints) -> None:
         super().__init__(store, nodename, own_domid)
         self.hv = hv
         self.endpoints = endpoints
@@ -284,7 +291,7 @@ class ConsoleBackend(Backend):
         await self.disconnect()
         self._console = await _MappedConsole.open(self.hv, self.other.domid, info.ring_ref, info.port)
         devid = int(self.nodename.rsplit("/", 1)[1])
-        endpoint = self.endpoints(self.other.domid, devid)
+        endpoint = self.endpoints.endpoint(self.other.domid, devid)
         scope = trio.CancelScope()
         self._pump = scope
         console = self._console
@@ -296,6 +303,10 @@ class ConsoleBackend(Backend):
         self._nursery.start_soon(pump)
         return {}
 
+    async def remove(self) -> None:
+        assert self.other is not None
+        self.endpoints.release(self.other.domid, int(self.nodename.rsplit("/", 1)[1]))
+
     async def disconnect(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
@@ -305,7 +316,7 @@ class ConsoleBackend(Backend):
             await console.aclose()
 
 
-def console_backend_factory(hv: ConsoleHypervisor, endpoints: EndpointFactory) -> Callable[[Store, DeviceId], Any]:
+def console_backend_factory(hv: ConsoleHypervisor, endpoints: ConsoleEndpoints) -> Callable[[Store, DeviceId], Any]:
     """The ``"console"`` entry of a :class:`~xenbus.backend_host.BackendHost`."""
 
     def make(store: Store, device: DeviceId) -> Any:

@@ -127,7 +127,7 @@ class ConsoleSession:
 
 
 class ConsoleSessions:
-    """The sessions by ``(domid, devid)``; the backend drivers' endpoint factory."""
+    """The sessions by ``(domid, devid)`` (the drivers' ``ConsoleEndpoints``)."""
 
     def __init__(self, log_dir: str) -> None:
         self.log_dir = log_dir
@@ -144,6 +144,11 @@ class ConsoleSessions:
             self.sessions[(domid, devid)] = session
         return session
 
+    def release(self, domid: int, devid: int) -> None:
+        session = self.sessions.pop((domid, devid), None)
+        if session is not None:
+            session.close()  # attached clients see the console go away
+
     def close(self) -> None:
         for session in self.sessions.values():
             session.close()
@@ -157,7 +162,7 @@ class ConsoleDaemon:
     def __init__(self, store, hypervisor, log_dir: str, socket_path: str, *, domid: int = 0) -> None:
         self.sessions = ConsoleSessions(log_dir)
         self.socket_path = socket_path
-        self.host = BackendHost(store, domid, {"console": console_backend_factory(hypervisor, self.sessions.endpoint)})
+        self.host = BackendHost(store, domid, {"console": console_backend_factory(hypervisor, self.sessions)})
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
