@@ -440,7 +440,8 @@ class XenstoreServer:
                     self._update_interest(client)
                 else:
                     self._runnable.append(client)
-        if self._others:
+        while self._others:  # (a failed send may disconnect a client, which may deliver more)
+            self._persist()
             for client in self._deliver():
                 if client.queue.size and not client.closed:
                     self._flush(client)
