@@ -15,6 +15,7 @@ Commands (``op``):
 * ``poke``      -- write ``value`` into the ring field ``field``, notify
 * ``raw``       -- put ``hex`` bytes straight into ``req``, notify
 * ``reconnect`` -- close the client, do the reconnection handshake, reopen
+* ``reopen``    -- a new client on our ring with the new ``port`` (resume)
 * ``shutdown``  -- report a shutdown (``reason``) to the hypervisor
 * ``bench``     -- ``n`` sequential READs of ``path``; seconds per READ
 """
@@ -112,6 +113,12 @@ class Agent:
             await transport.reconnect()
             await transport.aclose()
             await self.open()
+            return None
+        if op == "reopen":  # after a resume: the toolstack gave us a new port
+            await self.close()
+            self.stack = AsyncExitStack()
+            self.transport = await open_ring_transport(self.hv, port=cmd["port"])
+            self.client = await self.stack.enter_async_context(open_client(transport=self.transport))
             return None
         if op == "shutdown":
             return await self.hv.shutdown(cmd["reason"])

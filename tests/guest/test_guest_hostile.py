@@ -81,6 +81,31 @@ async def test_reconnection_handshake(toolstack):
     assert await xs.read(f"{guest.home}/data/after") == b"1"
 
 
+async def test_reintroduce_rebinds_the_channel_and_restarts_the_ring(toolstack):
+    """Resume: the toolstack introduces the running domain again with a new
+    port; xenstored rebinds, drops the old connection's state and restarts
+    the ring at index 0 (no @introduceDomain: the domain is not new)."""
+    xs, hv = toolstack.xs, toolstack.hv
+    guest = await toolstack.start_guest()
+    await guest.command(op="watch", path="data", id=1)
+    assert await guest.next_event(1) == "data"
+    async with xs.watch("@introduceDomain") as introduced:
+        with trio.fail_after(10):
+            await introduced.receive()
+            port = await hv.alloc_unbound_for(guest.domid, 0)
+            await xs.introduce(guest.domid, guest.store.gfn, port)
+            assert await guest.next_event(1) is None  # the old binding is closed: client cut off
+            assert await guest.command(op="reopen", port=port) == {"ok": None}
+            assert await guest.call("read", "domid") == str(guest.domid)
+            with trio.move_on_after(0.3):
+                await introduced.receive()
+                raise AssertionError("@introduceDomain fired for a known domain")
+    usage = (await xs.control("quota", str(guest.domid))).decode()
+    assert "watches         :        0" in usage
+    await guest.call("write", "data/resumed", "1")
+    assert await xs.read(f"{guest.home}/data/resumed") == b"1"
+
+
 async def test_read_latency_ring_vs_socket(toolstack):
     """One guest READ round trip over the ring vs dom0's over the socket
     (same daemon, same client library, sequential, n=500)."""
