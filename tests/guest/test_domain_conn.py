@@ -5,6 +5,8 @@ reconnection, and a hypothesis run over random chunking and limits."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,9 +30,16 @@ HOME = f"/local/domain/{DOMID}"
 class FakeChannel:
     def __init__(self) -> None:
         self.notified = 0
+        self.wait_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def notify(self) -> None:
         self.notified += 1
+
+    def pending(self) -> bool:
+        try:
+            return bool(os.read(self.wait_fd, 8))
+        except BlockingIOError:
+            return False
 
 
 class Harness:
@@ -130,6 +139,24 @@ def test_back_pressure_stops_reading_at_the_outstanding_quota():
             break
     assert [p.req_id for p in got] == list(range(10, 18))
     assert all(p.payload == big for p in got)
+
+
+def test_a_guest_that_keeps_the_ring_full_yields_the_loop():
+    h = Harness()
+    request = Packet(Op.READ, 1, 0, b"domid\x00").encode()
+    submit = h.conn._submit
+
+    def refill(conn, packets):  # the guest writes as fast as we read
+        submit(conn, packets)
+        h.receive()
+        h.send(request * (h.guest.writable() // len(request)))  # whole packets only
+
+    h.conn._submit = refill
+    h.send(request * 10)
+    assert not h.channel.pending()
+    h.conn.service()
+    assert h.channel.pending()  # comes back next loop iteration
+    assert 16 << 10 <= h.conn.requests * len(request) < (16 << 10) + 2048
 
 
 @pytest.mark.parametrize("field", ["req_prod", "rsp_cons"])

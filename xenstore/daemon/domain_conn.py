@@ -31,6 +31,7 @@ when the channel's eventfd is readable.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 import trio
@@ -53,6 +54,11 @@ __all__ = ["DomainConnection"]
 log = logging.getLogger("xenstored")
 
 _WATCH_EVENT = int(Op.WATCH_EVENT)
+#: Request bytes taken from one ring per service pass (a guest that keeps
+#: the ring full must not monopolise the daemon's loop).
+_READ_BUDGET = 16 << 10
+#: Written to our own eventfd to make the channel pending again.
+_ONE = (1).to_bytes(8, "little")
 
 
 class DomainConnection:
@@ -150,16 +156,22 @@ class DomainConnection:
             moved = self._write_output()
             limit = self._outstanding_limit()
             reader = self.reader
+            budget = _READ_BUDGET
             while True:
                 while self.queue.replies + len(batch) < limit:
                     packet = reader.next_packet()
                     if packet is not None:
                         batch.append(packet)
                         continue
+                    if budget <= 0:
+                        # Fairness: others get the loop; come back next iteration.
+                        os.write(self.channel.wait_fd, _ONE)
+                        break
                     data = self.ring.read()
                     if not data:
                         break
                     moved = True
+                    budget -= len(data)
                     reader.feed(data)
                 if not batch:
                     break
