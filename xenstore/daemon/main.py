@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.hypervisor:
             from .hypervisor_link import HypervisorLink
 
-            link = HypervisorLink(server, args.hypervisor, outstanding_limit=lambda: _outstanding(limits))
+            link = HypervisorLink(server, args.hypervisor)
         trio.run(_run, server, socket_path, tracer, write_pid, ready, link)
     except (OSError, ValueError, JournalError) as exc:
         log.error("%s", exc)
