@@ -16,7 +16,6 @@ from ringbuf.layouts.xenstore import (
     XENSTORE_CONNECTED,
     XENSTORE_ERROR_PROTO,
     XENSTORE_ERROR_RINGIDX,
-    XENSTORE_SERVER_FEATURE_ERROR,
     XENSTORE_SERVER_FEATURE_RECONNECTION,
 )
 from xenstore.core import Engine

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -66,11 +66,10 @@ class HypervisorLink:
     to the hypervisor service at ``path``; run :meth:`serve` in the daemon's
     nursery."""
 
-    def __init__(self, server: Any, path: str, *, outstanding_limit: Callable[[], int]) -> None:
+    def __init__(self, server: Any, path: str) -> None:
         self.server = server
         self.engine = server.engine
         self.path = path
-        self._outstanding_limit = outstanding_limit
         self._guests: dict[int, _Guest] = {}
         self._by_conn: dict[Any, DomainConnection] = {}
         self._effects_send, self._effects_receive = trio.open_memory_channel[Any](math.inf)
@@ -198,7 +197,7 @@ class HypervisorLink:
             submit=self._submit,
             reset=self._reset_conn,
             drop=self._drop_conn,
-            outstanding_limit=self._outstanding_limit,
+            outstanding_limit=lambda: self._outstanding(domid),
         )
         guest = _Guest(domain, mapping)
         self._guests[domid] = guest
@@ -208,6 +207,12 @@ class HypervisorLink:
         self.server.add_reader(channel.wait_fd, domain.on_event)
         domain.on_event()
         log.info("domain %d: serving its ring (port %d)", domid, channel.port)
+
+    def _outstanding(self, domid: int) -> int:
+        """The domain's ``outstanding`` quota, read live (CONTROL / SET_QUOTA
+        may change it); 0 disables the check."""
+        value = self.engine.quota("outstanding", domid)
+        return value if value > 0 else 1 << 30
 
     def _features(self, domid: int) -> int:
         domain = self.engine.domains.get(domid)
