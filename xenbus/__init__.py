@@ -10,7 +10,11 @@ The pure parts (no trio, no I/O):
 * :mod:`xenbus.console`   -- PV console keys and page constants.
 
 The trio driver layer (:mod:`xenbus.driver`: ``Frontend``, ``Backend``, the
-``Store`` protocol) is imported on first use of those names.
+``Store`` protocol) and the device hosts (:mod:`xenbus.backend_host`,
+:mod:`xenbus.frontend_host`: one driver task per device directory) are
+imported on first use of those names.  The PV console lives in
+:mod:`xenbus.console_frontend` / :mod:`xenbus.console_backend` /
+:mod:`xenbus.consoled`, the ``uxl`` toolstack in :mod:`xenbus.toolstack`.
 """
 
 from .handshake import BlkBackendDisk as BlkBackendDisk
@@ -42,6 +46,7 @@ from .state import is_allowed as is_allowed
 from .state import parse_state as parse_state
 
 _LAZY_DRIVER_NAMES = ("Frontend", "Backend", "Driver", "Store", "StoreOps", "transact", "read_directory")
+_LAZY_HOST_NAMES = {"BackendHost": "backend_host", "FrontendHost": "frontend_host", "DeviceHost": "device_host"}
 
 
 def __getattr__(name: str):
@@ -50,8 +55,12 @@ def __getattr__(name: str):
         from . import driver
 
         return getattr(driver, name)
+    if name in _LAZY_HOST_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_HOST_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'xenbus' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_DRIVER_NAMES))
+    return sorted(set(globals()) | set(_LAZY_DRIVER_NAMES) | set(_LAZY_HOST_NAMES))

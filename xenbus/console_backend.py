@@ -25,6 +25,7 @@ Both use a :class:`ConsoleHypervisor` (the subset of
 
 from __future__ import annotations
 
+import errno as _errno
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol, Sequence
@@ -33,7 +34,8 @@ import trio
 
 from ringbuf.byte_ring import ByteRingRole, ConsoleRing
 from ringbuf.evtchn import EventChannel, PeerClosedError
-from ringbuf.grants import GNTTAB_RESERVED_CONSOLE
+from ringbuf.grants import GNTTAB_RESERVED_CONSOLE, GrantError
+from ringbuf.hypervisor import HypervisorError
 from ringbuf.ring import RingIndexError
 from xenstore.wire import XenStoreError
 
@@ -289,7 +291,12 @@ class ConsoleBackend(Backend):
         assert self.other is not None and self._nursery is not None
         info = ConsoleRingInfo.of_assoc(frontend_values)
         await self.disconnect()
-        self._console = await _MappedConsole.open(self.hv, self.other.domid, info.ring_ref, info.port)
+        try:
+            self._console = await _MappedConsole.open(self.hv, self.other.domid, info.ring_ref, info.port)
+        except (GrantError, HypervisorError) as exc:
+            # The frontend's keys name no usable grant/port: its fault, so an
+            # error node and Closing (fact sheet 5.5), never a crash.
+            raise HandshakeError(_errno.EINVAL, f"mapping ring-ref {info.ring_ref} / binding port {info.port}: {exc}", "ring-ref") from None
         devid = int(self.nodename.rsplit("/", 1)[1])
         endpoint = self.endpoints.endpoint(self.other.domid, devid)
         scope = trio.CancelScope()

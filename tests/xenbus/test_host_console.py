@@ -28,6 +28,7 @@ from xenbus.frontend_host import FrontendHost
 from xenbus.paths import DeviceId
 from xenbus.start_info import ENV_CONSOLE_GFN, ENV_CONSOLE_PORT, ConsoleStart, magic_frames
 from xenbus.toolstack.config import ConfigError, DomainConfig, parse_config
+from xenstore.wire import Op, XenStoreError, join_strings
 
 TIMEOUT = 10
 
@@ -290,3 +291,35 @@ async def test_consoles_over_the_hypervisor_survive_a_backend_restart(hypervisor
                 nursery.cancel_scope.cancel()
     sessions.close()
     assert os.path.exists(tmp_path / f"guest-{domid}.log")
+
+
+async def test_a_frontend_naming_a_bogus_grant_gets_an_error_node(hypervisor, tmp_path):
+    hub = EngineHub()
+    dom0_store = hub.connect(0, privileged=True)
+    sessions = ConsoleSessions(str(tmp_path))
+    async with open_hypervisor(hypervisor) as dom0:
+        domid, fd = await dom0.create_domain(16)
+        async with open_hypervisor(fd=fd):
+            dev = DeviceId("console", domid, 0, 1)
+            await libxl_create(dom0_store, dev)
+            guest = hub.connect(domid)
+            # A hostile guest: a ref it never granted, a port that does not exist.
+            for key, value in {"ring-ref": "4000", "port": "77", "state": "3"}.items():
+                await guest.write(f"{dev.frontend}/{key}", value.encode())
+            host = BackendHost(dom0_store, 0, {"console": console_backend_factory(dom0, sessions)})
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                error_node = f"/local/domain/0/error/backend/console/{domid}/1/error"
+
+                def errored():
+                    try:
+                        return hub.request(dom0_store.conn, Op.READ, join_strings(error_node))
+                    except XenStoreError:
+                        return None
+
+                await wait_until(errored, "the backend's error node")
+                assert errored().startswith(b"22 mapping ring-ref 4000")
+                await wait_until(lambda: hub.request(dom0_store.conn, Op.READ, join_strings(f"{dev.backend}/state")) == b"5",
+                                 "backend Closing")
+                assert host.devices[dev].failed is None  # reported, not crashed
+                nursery.cancel_scope.cancel()

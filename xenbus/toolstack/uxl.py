@@ -145,7 +145,14 @@ async def _destroy(args: argparse.Namespace) -> int:
     from .domains import destroy_domain, find_domain
 
     async with _connections(args) as (hv, xs):
-        await destroy_domain(hv, xs, await find_domain(xs, args.domain))
+        try:
+            domid = await find_domain(xs, args.domain)
+        except LookupError:
+            # An id the hypervisor still knows (e.g. half-built) can be destroyed too.
+            if not args.domain.isdigit() or await hv.domain_info(int(args.domain)) is None:
+                raise
+            domid = int(args.domain)
+        await destroy_domain(hv, xs, domid)
     return 0
 
 
