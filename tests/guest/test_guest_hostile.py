@@ -59,6 +59,8 @@ async def test_hostile_guest_is_dropped_alone(toolstack, guest_xenstored, attack
     await good.call("write", "data/still", "ok")
     assert await xs.read(f"{good.home}/data/still") == b"ok"
     assert await xs.is_domain_introduced(bad.domid)  # ignored, not released (cxenstored)
+    reply = await bad.command(op="call", method="read", args=["name"])
+    assert reply.get("error") == "ConnectionClosed", reply  # its client saw the error field
 
 
 async def test_reconnection_handshake(toolstack):
