@@ -4,7 +4,7 @@ All connections are served by one loop (like cxenstored's), run as a trio
 task: the client sockets sit, level-triggered, in a private ``epoll`` set
 whose own fd is what trio waits on.  Each *iteration* of the loop:
 
-1. takes every ready socket from ``epoll.poll(0)`` and ``recv()``-s once from
+1. takes every ready socket from ``epoll.poll()`` and ``recv()``-s once from
    each, straight on the non-blocking socket;
 2. runs every complete request of that connection through
    ``engine.handle`` (pipelined requests are answered in order), collecting
@@ -15,13 +15,16 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
 4. only then queues the replies and events and ``send()``-s each
    connection's queue in one call.
 
-Only when no socket is ready does the loop ``await`` (trio's
-``wait_readable`` on the epoll fd), plus a checkpoint every few busy
-iterations so that signals and compaction get their turn.  Measured on the
-target machine, this costs a fraction of a task (and an epoll
-re-registration) per request, and nothing is ever awaited between
-``engine.handle`` and the journal append: at every await point each store
-change is on disk, which is what lets compaction snapshot at any await.
+The loop first waits up to ``linger`` (1 ms) in its own epoll, since a busy
+client's next request is usually microseconds away; only when nothing comes
+does it ``await`` trio (``wait_readable`` on the epoll fd), and it passes a
+trio checkpoint every few busy iterations so that signals and compaction
+get their turn.  A sequential request thus costs three system calls
+(epoll_wait, recv, send) and no task switch, instead of a task wake-up and
+an epoll re-registration per request.  Nothing is ever awaited between
+``engine.handle`` and the journal append, so at every await point every
+store change is already in the journal: compaction may snapshot at any
+await point.
 
 Back-pressure: a connection whose output queue holds more than
 ``queue_high`` bytes (or, unprivileged, as many replies as the
