@@ -3,12 +3,17 @@
 ``main`` is the command line (``xenstored``), ``server`` the socket loop,
 ``journal`` persistence (journal + snapshots), ``outqueue`` the bounded
 per-connection output queue and ``trace`` the ``-T`` trace file.
+With ``--hypervisor``, ``hypervisor_link`` serves introduced guests over
+their ring page and event channel (``domain_conn``: one guest's ring).
 """
+
+from .domain_conn import DomainConnection as DomainConnection
 
 from .journal import FsyncPolicy as FsyncPolicy
 from .journal import JournalError as JournalError
 from .journal import Recovered as Recovered
 from .journal import StateDir as StateDir
+from .hypervisor_link import HypervisorLink as HypervisorLink
 from .outqueue import OutputQueue as OutputQueue
 from .server import Listener as Listener
 from .server import ServerConfig as ServerConfig
@@ -18,7 +23,9 @@ from .server import open_listener as open_listener
 from .trace import Tracer as Tracer
 
 __all__ = [
+    "DomainConnection",
     "FsyncPolicy",
+    "HypervisorLink",
     "JournalError",
     "Listener",
     "OutputQueue",
