@@ -16,6 +16,7 @@ Commands (``op``):
 * ``raw``       -- put ``hex`` bytes straight into ``req``, notify
 * ``reconnect`` -- close the client, do the reconnection handshake, reopen
 * ``reopen``    -- a new client on our ring with the new ``port`` (resume)
+* ``burst``     -- ``n`` concurrent WRITE+READ pairs; the indices that came back wrong
 * ``shutdown``  -- report a shutdown (``reason``) to the hypervisor
 * ``bench``     -- ``n`` sequential READs of ``path``; median seconds per READ
 """
@@ -121,6 +122,20 @@ class Agent:
             self.transport = await open_ring_transport(self.hv, port=cmd["port"])
             self.client = await self.stack.enter_async_context(open_client(transport=self.transport))
             return None
+        if op == "burst":  # n pipelined WRITE+READ pairs of ``size`` bytes
+            client, size = self.client, cmd["size"]
+            bad = []
+
+            async def one(i: int) -> None:
+                value = b"%d:" % i + b"v" * size
+                await client.write(f"data/burst/{i}", value)
+                if await client.read(f"data/burst/{i}") != value:
+                    bad.append(i)
+
+            async with trio.open_nursery() as burst:
+                for i in range(cmd["n"]):
+                    burst.start_soon(one, i)
+            return bad
         if op == "shutdown":
             return await self.hv.shutdown(cmd["reason"])
         if op == "bench":

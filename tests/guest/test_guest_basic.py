@@ -155,3 +155,26 @@ async def test_shutdown_is_reported_once_until_resume(toolstack):
     assert await xs.is_domain_introduced(guest.domid)  # shut down is not dead
     await xs.resume(guest.domid)
     assert await guest.call("read", "name") == "guest"
+
+
+async def test_guests_in_parallel_with_pipelined_bursts(toolstack):
+    """Three guests pipeline 150 WRITE+READ pairs each (far over the
+    outstanding quota of 20; one guest limited to 1) while dom0 watches."""
+    xs = toolstack.xs
+    guests = [await toolstack.start_guest(f"p{i}") for i in range(3)]
+    await xs.set_quota("outstanding", 1, guests[2].domid)
+    async with xs.watch("/local/domain") as events:
+        with trio.fail_after(30):
+            await events.receive()
+            results = {}
+
+            async def burst(guest) -> None:
+                results[guest.domid] = await guest.command(op="burst", n=150, size=900)
+
+            async with trio.open_nursery() as nursery:
+                for guest in guests:
+                    nursery.start_soon(burst, guest)
+            assert events.receive_nowait().startswith("/local/domain/")
+    for guest in guests:
+        assert results[guest.domid] == {"ok": []}
+        assert len(await xs.directory(f"{guest.home}/data/burst")) == 150
