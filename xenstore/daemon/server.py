@@ -238,7 +238,9 @@ class XenstoreServer:
         self.fatal_error: BaseException | None = None
         #: Connections without a socket here (guest rings): the engine's
         #: packets for them go to ``external_sink(conn, packet)``, and the
-        #: engine's effects (Introduced, Released) to ``effects_handler``.
+        #: engine's effects (Introduced, Released) to ``effects_handler``,
+        #: which runs while a batch is being journaled and so must not call
+        #: ``commit_and_deliver``.
         self.external_sink: Callable[[Any, Packet], None] | None = None
         self.effects_handler: Callable[[list], None] | None = None
         self._readers: dict[int, Callable[[], None]] = {}  # see add_reader
