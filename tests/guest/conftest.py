@@ -56,8 +56,8 @@ def hypervisor_path(xenstored_module_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def guest_xenstored(xenstored_module_factory, hypervisor_path):
-    """A xenstored (in-memory store) connected to the hypervisor service."""
-    return xenstored_module_factory.start("-I", "on", "--hypervisor", hypervisor_path)
+    """A xenstored (persistent store, the default) connected to the hypervisor service."""
+    return xenstored_module_factory.start("--hypervisor", hypervisor_path)
 
 
 class GuestProcess:

@@ -110,12 +110,17 @@ class HypervisorLink:
     def _route(self, conn: Any, packet: Packet) -> None:
         domain = self._by_conn.get(conn)
         if domain is not None:
+            if self.server.tracer:
+                self.server.tracer.packet("OUT", conn.id, packet)
             domain.deliver(packet)
 
     def _submit(self, conn: Any, packets: list[Packet]) -> None:
         handle = self.engine.handle
+        tracer = self.server.tracer
         deliveries = []
         for packet in packets:
+            if tracer:
+                tracer.packet("IN", conn.id, packet)
             try:
                 deliveries += handle(conn, packet)
             except Exception:  # an engine bug must not take the daemon down
@@ -123,16 +128,29 @@ class HypervisorLink:
                 deliveries.append((conn, packet.error_reply("EIO")))
         self.server.commit_and_deliver(deliveries)
 
-    def _reset_conn(self, conn: Any) -> Any:
-        domain = self._by_conn.pop(conn)
-        self.server.commit_and_deliver(self.engine.disconnect(conn))
-        new = self.engine.connect(domain.domid, privileged=False)
-        self._by_conn[new] = domain
-        return new
+    def _connect(self, domain: DomainConnection) -> Any:
+        """A fresh unprivileged engine connection for the guest."""
+        conn = self.engine.connect(domain.domid, privileged=False)
+        self._by_conn[conn] = domain
+        if self.server.tracer:
+            self.server.tracer.connection("CREATE", conn.id)
+        return conn
 
-    def _drop_conn(self, conn: Any) -> None:
-        self._by_conn.pop(conn, None)
-        self.server.commit_and_deliver(self.engine.disconnect(conn))
+    def _disconnect(self, conn: Any) -> None:
+        """Forget an engine connection (idempotent)."""
+        self.server.commit_and_deliver(self._disconnect_nowait(conn))
+
+    def _disconnect_nowait(self, conn: Any) -> list:
+        """Forget an engine connection; returns the engine's deliveries
+        (normally none) for the caller to send."""
+        if self._by_conn.pop(conn, None) is not None and self.server.tracer:
+            self.server.tracer.connection("DESTROY", conn.id)
+        return self.engine.disconnect(conn)
+
+    def _reset_conn(self, conn: Any) -> Any:
+        domain = self._by_conn[conn]
+        self._disconnect(conn)
+        return self._connect(domain)
 
     def _on_effects(self, effects: list) -> None:
         """Called as the engine's changes are journaled, before any reply
@@ -152,8 +170,10 @@ class HypervisorLink:
             try:
                 if isinstance(item, Introduced):
                     await self._introduced(item)
-                else:
+                elif isinstance(item, _Guest):
                     await self._unbind(item)
+                else:  # engine deliveries put off by _forget
+                    self.server.commit_and_deliver(item)
             except (HypervisorError, GrantError, OSError) as exc:
                 log.error("%r failed: %s", item, exc)
 
@@ -188,20 +208,19 @@ class HypervisorLink:
             return
         ring = XenstoreRing(mapping.pages[0], ByteRingRole.SERVER)
         ring.advertise_features(self._features(domid))
-        conn = self.engine.connect(domid, privileged=False)
         domain = DomainConnection(
             domid,
-            conn,
+            None,
             ring,
             channel,
             submit=self._submit,
             reset=self._reset_conn,
-            drop=self._drop_conn,
+            drop=self._disconnect,
             outstanding_limit=lambda: self._outstanding(domid),
         )
+        domain.conn = self._connect(domain)
         guest = _Guest(domain, mapping)
         self._guests[domid] = guest
-        self._by_conn[conn] = domain
         if ring.connection:  # a guest waiting for us (dom0less style): done
             ring.complete_reconnect()
         self.server.add_reader(channel.wait_fd, domain.on_event)
@@ -226,12 +245,8 @@ class HypervisorLink:
         self.server.remove_reader(domain.channel.wait_fd)
         await hv.close_port(domain.channel)
         domain.channel = await hv.bind_interdomain(domain.domid, port)
-        old = domain.conn
-        self._by_conn.pop(old, None)
-        self.engine.disconnect(old)
-        conn = self.engine.connect(domain.domid, privileged=False)
-        self._by_conn[conn] = domain
-        domain.restart(conn)
+        self._disconnect(domain.conn)
+        domain.restart(self._connect(domain))
         if not domain.closed:
             self.server.add_reader(domain.channel.wait_fd, domain.on_event)
             domain.on_event()
@@ -255,8 +270,11 @@ class HypervisorLink:
         domain = guest.domain
         self.server.remove_reader(domain.channel.wait_fd)
         domain.close()
-        if self._by_conn.pop(domain.conn, None) is not None:
-            self.engine.disconnect(domain.conn)
+        # We may be inside the server's journaling step (effects handler):
+        # whatever the engine has to send goes out later, from our task.
+        deliveries = self._disconnect_nowait(domain.conn)
+        if deliveries:
+            self._effects_send.send_nowait(deliveries)
         domain.ring.release()
         return guest
 
