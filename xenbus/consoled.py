@@ -267,11 +267,14 @@ def build_parser(prog: str = "uxen-consoled") -> argparse.ArgumentParser:
     return p
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, *, connections: bool = True) -> None:
+    """The daemon's options; ``connections=False`` leaves out ``--xenstore``
+    and ``--hypervisor`` (``uxl`` has them as global options)."""
     p.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="where guest-<domid>.log files go (default %(default)s)")
     p.add_argument("--socket", default=None, help=f"attach socket (default ${ENV_SOCKET} or {DEFAULT_SOCKET})")
-    p.add_argument("--xenstore", default=None, help="xenstored socket (default: $XENSTORED_PATH rules)")
-    p.add_argument("--hypervisor", default=None, help="hypervisor service socket (default $UXEN_HYPERVISOR_SOCKET)")
+    if connections:
+        p.add_argument("--xenstore", default=None, help="xenstored socket (default: $XENSTORED_PATH rules)")
+        p.add_argument("--hypervisor", default=None, help="hypervisor service socket (default $UXEN_HYPERVISOR_SOCKET)")
     p.add_argument("--ready-fd", type=int, default=None, help="write one byte to this fd once serving")
     p.add_argument("-v", "--verbose", action="store_true")
 

@@ -89,8 +89,11 @@ class Host:
         wait_socket(path, proc, what)
         return proc
 
-    def start_consoled(self) -> subprocess.Popen:
-        return self._start("consoled", [sys.executable, "-m", "xenbus.consoled", "--log-dir", self.log_dir, "--socket", self.console_path, "-v"], self.console_path)
+    def start_consoled(self, *, via_uxl: bool = False) -> subprocess.Popen:
+        """``python -m xenbus.consoled``, or the same daemon as ``uxl consoled``."""
+        command = ["xenbus.toolstack.uxl", "consoled"] if via_uxl else ["xenbus.consoled"]
+        return self._start("consoled", [sys.executable, "-m", *command, "--log-dir", self.log_dir, "--socket", self.console_path, "-v"],
+                           self.console_path)
 
     def kill_consoled(self) -> None:
         proc = self.procs.pop("consoled")

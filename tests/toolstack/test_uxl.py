@@ -169,13 +169,22 @@ def test_destroy_kills_the_guest_and_cleans_up(host):
     vm = host.read(f"/local/domain/{domid}/vm")
     pids = [guest_pid(host, domid), int(host.read(f"/libxl/{domid}/monitor-pid"))]
     watch = _watch_release(host)
+    attached = socket.socket(socket.AF_UNIX)
     try:
+        attached.settimeout(10)
+        attached.connect(host.console_path)
+        attached.sendall(b"ATTACH %d\n" % domid)
+        assert attached.recv(3) == b"OK\n"
         assert _count_release_events(watch, 1) == 1
         host.uxl("destroy", "delta")
         assert_cleaned_up(host, domid, vm, pids)
         assert _count_release_events(watch, 1) >= 1
+        # An attached console sees the console go away (end of stream), no hang.
+        while attached.recv(4096):
+            pass
     finally:
         watch.close()
+        attached.close()
     assert host.uxl("destroy", "delta", check=False).returncode == 1
     assert host.uxl("destroy", "0", check=False).returncode == 1
 
@@ -200,7 +209,7 @@ def test_console_daemon_restart_resumes_guest_output(host):
     killed_at = len(host.log(domid))
     time.sleep(0.5)  # ~25 ticks (~250 bytes) wait in the guest's 2 KiB ring
     assert len(host.log(domid)) == killed_at  # nobody serves the console now
-    host.start_consoled()
+    host.start_consoled(via_uxl=True)
     log = host.wait_log(domid, b"tick 60\r\n", timeout=15)
     # Nothing lost: every tick line from 1 to 60 is there, in order.
     lines = [line for line in log.split(b"\r\n") if line.startswith(b"tick ")]

@@ -41,14 +41,14 @@ ENV_RUN_DIR = "UXL_RUN_DIR"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uxl", description="userxen toolstack", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="uxl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--xenstore", default=None, help="xenstored socket")
     p.add_argument("--hypervisor", default=None, help="hypervisor service socket")
     p.add_argument("--console-socket", default=None, help="console daemon socket")
     p.add_argument("--run-dir", default=None, help="guest output and monitor logs")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("create", help="create a domain")
+    c = sub.add_parser("create", help="create a domain", usage="uxl create [-m MiB] [--consoles N] [-c] (CONFIG | NAME [-- CMD...])")
     c.add_argument("target", help="a config file, or the new domain's name")
     c.add_argument("-m", "--memory", type=int, default=None, help="MiB (with a name)")
     c.add_argument("-c", "--console", action="store_true", help="attach to its console afterwards")
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("domain")
 
     cd = sub.add_parser("consoled", help="run the console daemon")
-    consoled_mod.add_arguments(cd)
+    consoled_mod.add_arguments(cd, connections=False)
 
     i = sub.add_parser("domid", help="a domain's id")
     i.add_argument("domain")
