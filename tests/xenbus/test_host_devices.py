@@ -14,6 +14,7 @@ from xenbus.backend_host import BackendHost
 from xenbus.device_host import plan_devices
 from xenbus.frontend_host import FrontendHost
 from xenbus.paths import DeviceId
+from xenstore.wire import XenStoreError
 
 TIMEOUT = 5
 
@@ -154,3 +155,87 @@ async def test_a_guest_flooding_its_device_directory_gets_bounded_slots():
         assert len(host.devices) == 10 == len(started)
         assert all(d.devid in range(7, 140) for d in started)
         nursery.cancel_scope.cancel()
+
+
+# ---- random create / remove / crash sequences against a model ----------------
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["create", "remove", "crash"]), st.integers(0, 3)),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(OPS)
+def test_backend_host_tracks_random_device_churn(ops):
+    """Model: the set of device directories present.  After every step the
+    host has exactly one slot per present device, never two live drivers
+    for one device, and a crashed driver is not restarted while its
+    directory stays (it is again once the directory is re-created)."""
+
+    async def scenario():
+        hub = EngineHub()
+        dom0 = hub.connect(0, privileged=True)
+        live: dict[DeviceId, int] = {}
+        started: list[DeviceId] = []
+
+        class Watching:
+            """Runs until its backend directory goes away, or it is crashed."""
+
+            def __init__(self, store, device):
+                self.store, self.device = store, device
+                self.crash = trio.Event()
+
+            async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+                live[self.device] = live.get(self.device, 0) + 1
+                assert live[self.device] == 1, "two live drivers for one device"
+                started.append(self.device)
+                try:
+                    async with self.store.watch(self.device.backend) as events:
+                        task_status.started()
+                        async with trio.open_nursery() as nursery:
+                            async def crash():
+                                await self.crash.wait()
+                                raise RuntimeError("crash")
+
+                            nursery.start_soon(crash)
+                            async for _ in events:
+                                try:
+                                    await self.store.read(f"{self.device.backend}/state")
+                                except XenStoreError:
+                                    nursery.cancel_scope.cancel()
+                                    return
+                finally:
+                    live[self.device] -= 1
+
+        host = BackendHost(dom0, 0, {"vbd": lambda s, d: Watching(s, d)})
+        present: set[DeviceId] = set()
+        crashed: set[DeviceId] = set()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            for op, n in ops:
+                device = dev(5, n)
+                if op == "create" and device not in present:
+                    await libxl_create(dom0, device)
+                    present.add(device)
+                    crashed.discard(device)
+                elif op == "remove" and device in present:
+                    await remove_device(dom0, device)
+                    present.discard(device)
+                elif op == "crash" and device in present and device in host.devices and not host.devices[device].done.is_set():
+                    host.devices[device].driver.crash.set()
+                    crashed.add(device)
+                # Settle: every present device has a slot, running unless crashed.
+                await wait_until(
+                    lambda: set(host.devices) == present
+                    and all(host.devices[d].done.is_set() == (d in crashed) for d in present),
+                    f"host converged after {op} {n}",
+                )
+                assert all(count <= 1 for count in live.values())
+            nursery.cancel_scope.cancel()
+        # One driver per creation, none for crashes.
+        creations = sum(1 for op, _ in ops if op == "create")
+        assert len(started) <= creations
+
+    trio.run(scenario)
