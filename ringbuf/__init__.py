@@ -30,3 +30,28 @@ from .hypervisor import GrantMapping as GrantMapping
 from .hypervisor import HypervisorClient as HypervisorClient
 from .hypervisor import HypervisorError as HypervisorError
 from .hypervisor import open_hypervisor as open_hypervisor
+
+# Generic shared rings (ring.h)
+from .ring import RING_IDX_MASK as RING_IDX_MASK
+from .ring import BackRing as BackRing
+from .ring import FrontRing as FrontRing
+from .ring import RingFullError as RingFullError
+from .ring import RingIndexError as RingIndexError
+from .ring import RingStatistics as RingStatistics
+from .ring import RingTypes as RingTypes
+from .ring import SharedRing as SharedRing
+from .ring import define_ring_types as define_ring_types
+from .ring import ring_size as ring_size
+
+# Byte rings (xenstore and console pages)
+from .byte_ring import ByteQueue as ByteQueue
+from .byte_ring import ByteRing as ByteRing
+from .byte_ring import ByteRingRole as ByteRingRole
+from .byte_ring import ConsoleRing as ConsoleRing
+from .byte_ring import XenstoreRing as XenstoreRing
+
+# Ring types of the split drivers
+from .layouts import BLKIF_RING as BLKIF_RING
+from .layouts import NETIF_CTRL_RING as NETIF_CTRL_RING
+from .layouts import NETIF_RX_RING as NETIF_RX_RING
+from .layouts import NETIF_TX_RING as NETIF_TX_RING
