@@ -136,8 +136,11 @@ async def _shutdown(args: argparse.Namespace) -> int:
         domid = await find_domain(xs, args.domain)
         await request_shutdown(xs, domid, "reboot" if args.reboot else "poweroff")
         if args.wait:
-            with trio.fail_after(args.timeout):
+            with trio.move_on_after(args.timeout):
                 await wait_domain_gone(hv, xs, domid)
+                return 0
+            print(f"uxl: domain {domid} did not shut down within {args.timeout:g} s", file=sys.stderr)
+            return 1
     return 0
 
 
