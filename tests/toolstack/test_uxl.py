@@ -14,7 +14,6 @@ import time
 import pytest
 
 from host import process_alive, wait_until
-from xenstore.wire import XenStoreError
 
 pytestmark = pytest.mark.timeout(120)
 
