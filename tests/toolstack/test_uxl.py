@@ -244,3 +244,36 @@ def test_create_from_a_config_file(host, tmp_path):
     bad.write_text('name = "x"\nbogus = 1\n')
     result = host.uxl("create", str(bad), check=False)
     assert result.returncode == 1 and b"unknown key 'bogus'" in result.stderr
+
+
+def test_console_on_a_terminal_is_raw_and_ctrl_bracket_detaches(host):
+    import pty
+    import select
+    import termios
+
+    domid = host.create("golf", "--interval", "10")
+    host.wait_log(domid, b"booted")
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "xenbus.toolstack.uxl", "console", "golf"], env=host.env,
+                            stdin=slave, stdout=slave, stderr=slave)
+    try:
+        time.sleep(0.5)
+        os.write(master, b"qq\r")
+        out = b""
+        deadline = time.monotonic() + 10
+        while b"qq\r\n" not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                out += os.read(master, 4096)
+        # Raw mode: no local echo, so the only copy is the guest's echo.
+        assert out == b"qq\r\n"
+        os.write(master, b"\x1d")
+        assert proc.wait(10) == 0
+        assert termios.tcgetattr(slave) == before  # the terminal is restored
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+    host.uxl("destroy", "golf")
