@@ -11,7 +11,9 @@ Semantics modelled (cxenstored 4.17): permission rules with privileged
 dom0 and unprivileged domains 5 and 6; EACCES vs ENOENT from the nearest
 existing ancestor; new nodes inherit the parent's permissions and belong to
 an unprivileged creator; transactions read live nodes at first access and
-fail with EAGAIN iff a node they looked at changed since; watch events with
+fail with EAGAIN iff a node they looked at changed since (once that happened
+the transaction's replies are not checked: cxenstored's own view is then
+its first-access copies, which the model does not keep); watch events with
 the RM / transaction / permission-filter rules.
 """
 
@@ -155,6 +157,8 @@ class Model:
         if node is not None:
             if (access(node[1], domid) & perm) == perm:
                 return node, None
+            if path != "/":
+                self.get(tx, parent(path))  # cxenstored looks at the parent too
             return None, "EACCES"
         anc = None
         for a in ancestors(path):

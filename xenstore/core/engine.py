@@ -249,6 +249,8 @@ class Engine:
         if node is not None:
             if conn.privileged or (node.perms.access(conn.domid, conn.target) & perm) == perm:
                 return node
+            if layer is not self.store and path != "/":
+                layer.get(parent_of(path))  # cxenstored asks the parent too: a transaction records it
             raise _err("EACCES")
         if conn.privileged and layer is self.store:
             return None
@@ -384,6 +386,8 @@ class Engine:
         below ``path`` with their own path (exact), then ``path`` itself for
         its own and its ancestors' watches."""
         parent = layer.get(parent_of(path))
+        if parent is None:  # a transaction whose view the live tree broke
+            raise _err("EAGAIN")
         removed = layer.delete(path)
         if tx is None and not self.watches.by_path:
             return

@@ -211,11 +211,12 @@ class Store:
 class Overlay:
     """A transaction's copy-on-write view over the live store (O(1) start).
 
-    ``nodes`` holds the transaction's own versions (``None`` = deleted in the
-    transaction).  ``seen`` records, for every live node the transaction
-    looked at, its generation (``None`` = absent) at *first access* -- like
-    cxenstored, a node the transaction has not touched yet is read from the
-    live store.  The commit fails if any recorded node changed in the live
+    ``nodes`` holds the transaction's private view (``None`` = absent):
+    like cxenstored, a live node is copied (or its absence noted) at the
+    transaction's *first access* and the transaction sees that from then
+    on; a node it has not touched yet is read from the live store.  ``seen``
+    records the generation (``None`` = absent) of every live node at first
+    access.  The commit fails if any recorded node changed in the live
     store since (optimistic concurrency control validated at commit: a
     committed transaction read values that were all still current when it
     committed).  A transaction whose recorded nodes changed can see a view
@@ -238,14 +239,22 @@ class Overlay:
         if path in nodes:
             return nodes[path]
         node = self.live.nodes.get(path)
-        if path not in self.seen:
-            if self.max_seen and len(self.seen) >= self.max_seen:
+        seen = self.seen
+        if path not in seen:
+            if self.max_seen and len(seen) >= self.max_seen:
                 raise XenStoreError("ENOSPC")
-            self.seen[path] = None if node is None else node.generation
+            # cxenstored copies a node into the transaction at first access
+            # (or notes its absence); the transaction sees that from then on.
+            if node is None:
+                seen[path] = nodes[path] = None
+            else:
+                seen[path] = node.generation
+                node = nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
         return node
 
     def _own(self, path: str, node: Node | None) -> Node:
-        """The transaction's private, mutable copy of a node it sees."""
+        """The transaction's private, mutable copy of a node it sees (the
+        copy made at first access, or a new one for a node it created)."""
         if node is None:
             # Only reachable when the live tree moved under this transaction
             # (it will fail at commit anyway).
@@ -287,7 +296,7 @@ class Overlay:
         for p, n in removed:
             self.nodes[p] = None
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
-        del parent.children[name]
+        parent.children.pop(name, None)  # absent only if the live tree moved under us
         parent.generation = self.live.generation = self.live.generation + 1
         self.ops.append(("rm", path))
         return removed
