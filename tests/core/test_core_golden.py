@@ -59,9 +59,12 @@ def replay(name: str):
         if (name, i) in DEVIATIONS:
             dop, dpayload, _why = DEVIATIONS[name, i]
             expected = (dop, dpayload)
+        # cxenstored drops an event identical to one still queued for the same
+        # connection; that is the daemon queue's business, so compare sets.
+        events = {w: sorted(set(evs)) for w, evs in events.items()}
         got_events = {}
         for w, c in conns.items():
-            evs = sorted(p.payload for cc, p in out if cc is c and p.op == Op.WATCH_EVENT)
+            evs = sorted({p.payload for cc, p in out if cc is c and p.op == Op.WATCH_EVENT})
             if evs:
                 got_events[w] = evs
         if (name, i) in EVENT_DEVIATIONS:
