@@ -9,7 +9,19 @@ ENOSYS; privileged-only type from an unprivileged caller -> EACCES; a
 ``tx_id`` naming no open transaction of this connection -> ENOENT (not for
 WATCH/UNWATCH); then the handler: argument format -> EINVAL, path -> EINVAL,
 node lookup/permissions -> EACCES/ENOENT, quotas -> ENOSPC/E2BIG.  The
-dispatch table at the bottom maps each type to its handler and flags.
+dispatch table in ``Engine.__init__`` maps each type to its handler and
+flags (privileged-only, ignores tx_id).
+
+Beyond XENSTORE_API.md the engine offers ``domain_shutdown(domid)``
+(@releaseDomain once per shutdown), ``domain_usage(domid)``,
+``quota(name, domid)`` (effective quota incl. per-domain overrides),
+``domains`` (the DomainTable), ``features``, ``control_state`` (what
+CONTROL log/logfile/memreport asked for) and ``internal_errors``.
+
+Deliberate differences from cxenstored 4.17: quotas are checked with ">="
+(no off-by-one); ACL entries of since-recreated domains are not ignored
+(no per-domain generation); per-domain memory is not accounted (the daemon
+owns the queues); GET/SET_FEATURE and GET/SET_QUOTA follow 4.21/4.22.
 """
 
 from __future__ import annotations
