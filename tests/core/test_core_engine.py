@@ -7,6 +7,8 @@ import time
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xenstore.core as core
 from xenstore.core import Engine, Introduced, Limits, Released, Store
@@ -360,3 +362,33 @@ def test_write_cost_does_not_grow_with_unrelated_watches():
         return best
 
     assert cost(20000) < 3 * cost(0)
+
+
+# -- fuzz ------------------------------------------------------------------------------
+
+_PIECES = st.sampled_from(
+    [b"", b"/", b"/a", b"/a/b", b"x", b"@releaseDomain", b"n0", b"r5", b"b6", b"T", b"F", b"5", b"0",
+     b"-1", b"quota", b"set", b"nodes", b"\xff", b"a//b", b"7", b"1", b"print", b"check"]
+)
+_PAYLOADS = st.one_of(
+    st.lists(_PIECES, max_size=5).map(lambda parts: b"\0".join(parts) + b"\0"),
+    st.lists(_PIECES, max_size=5).map(b"\0".join),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 5, 6]), st.sampled_from(list(range(27)) + [0xFFFF]),
+                          st.sampled_from([0, 0, 1, 2, 3]), _PAYLOADS), max_size=40))
+def test_random_requests_never_break_the_engine(requests):
+    engine = Engine()
+    dom0 = engine.connect()
+    conns = {0: dom0, 5: make_guest(engine, dom0, 5), 6: engine.connect(6, privileged=False)}
+    for i, (who, op, tx, payload) in enumerate(requests):
+        out = engine.handle(conns[who], Packet(op, i, tx, payload))
+        replies = [p for c, p in out if c is conns[who] and p.op != Op.WATCH_EVENT]
+        assert len(replies) == 1 and replies[0].req_id == i and replies[0].tx_id == tx
+        assert all(len(p.payload) <= 4096 for _, p in out)
+    assert engine.internal_errors == 0, engine.last_internal_error
+    snap = engine.store.snapshot()
+    assert Store.from_changes(snap).snapshot() == snap
