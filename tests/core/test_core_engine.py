@@ -392,3 +392,20 @@ def test_random_requests_never_break_the_engine(requests):
     assert engine.internal_errors == 0, engine.last_internal_error
     snap = engine.store.snapshot()
     assert Store.from_changes(snap).snapshot() == snap
+
+
+def test_event_order_is_connection_then_registration_order(engine, dom0):
+    """As cxenstored: connections oldest first, each one's watches in the
+    order they were registered (not by path depth)."""
+    other = engine.connect()
+    req(engine, other, Op.WATCH, b"/w/x|o-deep|")
+    req(engine, dom0, Op.WATCH, b"/w/x|deep|")
+    req(engine, dom0, Op.WATCH, b"/|root|")
+    req(engine, dom0, Op.WATCH, b"/w|mid|")
+    out = req(engine, other, Op.WRITE, b"/w/x/y|v")
+    assert [(c, p) for c, op, p in out if op == Op.WATCH_EVENT] == [
+        (dom0, b"/w/x/y\0deep\0"),
+        (dom0, b"/w/x/y\0root\0"),
+        (dom0, b"/w/x/y\0mid\0"),
+        (other, b"/w/x/y\0o-deep\0"),
+    ]

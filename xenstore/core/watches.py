@@ -20,11 +20,17 @@ __all__ = ["Watch", "WatchRegistry"]
 _WATCH_EVENT = Op.WATCH_EVENT
 
 
-class Watch:
-    __slots__ = ("conn", "path", "token", "strip")
+def _order(watch: "Watch") -> tuple[int, int]:
+    return watch.order
 
-    def __init__(self, conn: Connection, path: str, token: bytes, relative: bool) -> None:
+
+class Watch:
+    __slots__ = ("conn", "path", "token", "strip", "order")
+
+    def __init__(self, conn: Connection, path: str, token: bytes, relative: bool, seq: int = 0) -> None:
         self.conn = conn
+        #: cxenstored fires by connection (oldest first), then by watch age.
+        self.order = (conn.id, seq)
         self.path = path
         self.token = token
         #: characters to strip from event paths of a relative watch
@@ -48,20 +54,22 @@ class Watch:
 class WatchRegistry:
     """All watches of all connections, by resolved path."""
 
-    __slots__ = ("by_path", "_count")
+    __slots__ = ("by_path", "_count", "_seq")
 
     def __init__(self) -> None:
         #: resolved path -> watches on it (read-only outside this class; an
         #: empty dict means "nothing to fire", checked on the hot path).
         self.by_path: dict[str, list[Watch]] = {}
         self._count = 0
+        self._seq = 0
 
     def __len__(self) -> int:
         return self._count
 
     def add(self, conn: Connection, path: str, token: bytes, relative: bool) -> Watch:
         """Register (caller checked EEXIST and quota)."""
-        watch = Watch(conn, path, token, relative)
+        self._seq += 1
+        watch = Watch(conn, path, token, relative, self._seq)
         self.by_path.setdefault(path, []).append(watch)
         conn.watches[(path, token)] = watch
         self._count += 1
@@ -98,26 +106,30 @@ class WatchRegistry:
         by_path = self.by_path
         if not by_path:
             return
-        perms: tuple[Perms, ...] | None = None
+        matched: list[Watch] = []
         p = path
         while True:
             watches = by_path.get(p)
             if watches:
-                for w in watches:
-                    conn = w.conn
-                    if not conn.privileged:
-                        if perms is None:
-                            perms = tuple(visible_perms())
-                        domid, target = conn.domid, conn.target
-                        if not any(ps.access(domid, target) & READ for ps in perms):
-                            continue
-                    packet = w.event(path)
-                    if packet is not None:
-                        out.append((conn, packet))
+                matched += watches
             if exact or p == "/":
-                return
+                break
             i = p.rfind("/")
             p = p[:i] if i > 0 else "/"
+        if len(matched) > 1:
+            matched.sort(key=_order)
+        perms: tuple[Perms, ...] | None = None
+        for w in matched:
+            conn = w.conn
+            if not conn.privileged:
+                if perms is None:
+                    perms = tuple(visible_perms())
+                domid, target = conn.domid, conn.target
+                if not any(ps.access(domid, target) & READ for ps in perms):
+                    continue
+            packet = w.event(path)
+            if packet is not None:
+                out.append((conn, packet))
 
     def fire_special(self, name: str, perms: Perms, out: list) -> None:
         """``@introduceDomain`` / ``@releaseDomain``: exact-name watches only;
