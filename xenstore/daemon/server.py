@@ -22,9 +22,9 @@ trio checkpoint every few busy iterations so that signals and compaction
 get their turn.  A sequential request thus costs three system calls
 (epoll_wait, recv, send) and no task switch, instead of a task wake-up and
 an epoll re-registration per request.  Nothing is ever awaited between
-``engine.handle`` and the journal append, so at every await point every
-store change is already in the journal: compaction may snapshot at any
-await point.
+``engine.handle`` and the journal append, so right after an append the
+store is exactly what the journals describe: that is where compaction
+switches journals and snapshots the store (a worker thread writes it).
 
 Back-pressure: a connection whose output queue holds more than
 ``queue_high`` bytes (or, unprivileged, as many replies as the
@@ -620,18 +620,33 @@ class XenstoreServer:
             self.fatal_error = exc
             raise
         if state.wants_compaction and not self._compacting and self._nursery is not None:
-            self._compacting = True
-            self._nursery.start_soon(self._compact)
+            self._start_compaction()
 
-    async def _compact(self) -> None:
-        """Snapshot the store and start a new journal, off the request path."""
+    def _start_compaction(self) -> None:
+        """Switch to a new journal and snapshot the store, right now.
+
+        Right after an append, so the snapshot is exactly the state that the
+        journals before the new one describe; only writing the snapshot
+        file happens later, in a worker thread.
+        """
+        state = self.state
+        assert state is not None and self._nursery is not None
+        self._compacting = True
+        try:
+            first = state.start_compaction()
+            snapshot = self.engine.store.snapshot()
+        except OSError as exc:
+            self._compacting = False
+            error = JournalError(f"compaction failed: {exc}")
+            log.critical("%s; shutting down", error)
+            self.fatal_error = error
+            raise error from None
+        self._nursery.start_soon(self._write_snapshot, first, snapshot)
+
+    async def _write_snapshot(self, first: int, snapshot: list) -> None:
         state = self.state
         assert state is not None
         try:
-            # No await between these two: the snapshot is exactly the state
-            # that the journals before ``first`` describe.
-            first = state.start_compaction()
-            snapshot = self.engine.store.snapshot()
             size = await trio.to_thread.run_sync(state.write_snapshot, snapshot, first)
             state.finish_compaction(first, size)
             log.info("compacted: snapshot of %d nodes, journal %d", len(snapshot), first)
@@ -642,3 +657,8 @@ class XenstoreServer:
                 self._nursery.cancel_scope.cancel()
         finally:
             self._compacting = False
+        # The journal may have outgrown the threshold again meanwhile; this
+        # task only runs while the loop awaits, i.e. with every change
+        # journaled, so it may switch journals here too.
+        if state.wants_compaction and self.fatal_error is None and self._nursery is not None:
+            self._start_compaction()
