@@ -27,7 +27,7 @@ the blocking client never imports trio.
 
 from __future__ import annotations
 
-import importlib
+import importlib as _importlib
 
 __all__ = [
     # async client
@@ -88,10 +88,10 @@ def __getattr__(name: str) -> object:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'xenstore' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(__all__)
