@@ -48,7 +48,7 @@ __all__ = ["HypervisorLink", "ENV_HYPERVISOR_PATH"]
 log = logging.getLogger("xenstored")
 
 #: Environment default of ``--hypervisor``.
-ENV_HYPERVISOR_PATH = "UXEN_HYPERVISOR_PATH"
+ENV_HYPERVISOR_PATH = "UXEN_HYPERVISOR_SOCKET"
 
 
 class _Guest:

@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--hypervisor",
-        default=os.environ.get("UXEN_HYPERVISOR_PATH") or None,
+        default=os.environ.get("UXEN_HYPERVISOR_SOCKET") or None,
         metavar="PATH",
-        help="hypervisor service socket (default $UXEN_HYPERVISOR_PATH): serve introduced guests\n"
+        help="hypervisor service socket (default $UXEN_HYPERVISOR_SOCKET): serve introduced guests\n"
         "over their ring page and event channel; without it INTRODUCE only updates the store",
     )
     return p
