@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="uxen-hypervisor: %(levelname)s %(message)s")
-    trio.run(_run, args)
+    try:
+        trio.run(_run, args)
+    except OSError as exc:  # e.g. the socket's directory is not writable
+        print(f"uxen-hypervisor: {args.socket}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -126,6 +126,7 @@ class HypervisorService:
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``path`` (replacing a stale socket) until cancelled."""
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
         try:
             os.unlink(path)
         except FileNotFoundError:
