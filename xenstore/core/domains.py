@@ -31,11 +31,18 @@ SUPPORTED_FEATURES = FEATURE_RECONNECTION | FEATURE_ERROR
 
 class Introduced(NamedTuple):
     """Effect: map the domain's ring page and bind its event channel.
-    Also produced for a re-introduction (rebind after resume)."""
+    Also produced for a re-introduction (rebind after resume).
+
+    ``pending``: for a new domain of an engine that defers introductions
+    (``Engine.defer_introduce``), the opaque token the I/O layer hands back
+    to ``Engine.complete_introduce`` once mapping and binding succeeded or
+    failed; the INTRODUCE reply waits until then.  ``None``: nothing waits
+    (the reply was sent already)."""
 
     domid: int
     gfn: int
     port: int
+    pending: int | None = None
 
 
 class Released(NamedTuple):
@@ -49,6 +56,8 @@ class Released(NamedTuple):
 class Domain:
     domid: int
     introduced: bool = False
+    #: A deferred INTRODUCE waits for the I/O layer (not yet introduced).
+    introducing: bool = False
     gfn: int | None = None
     port: int | None = None
     target: int | None = None

@@ -12,6 +12,22 @@ node lookup/permissions -> EACCES/ENOENT, quotas -> ENOSPC/E2BIG.  The
 dispatch table in ``Engine.__init__`` maps each type to its handler and
 flags (privileged-only, ignores tx_id).
 
+Deferred introductions: with ``defer_introduce`` set (by an I/O layer
+that maps rings, e.g. the daemon's hypervisor link), INTRODUCE of a new
+domain is validated, then answered later: the engine emits
+``Introduced(domid, gfn, port, pending=token)`` and no reply, and holds the
+requesting connection's later requests (replies stay in request order, as
+cxenstored serves one request per connection at a time).  The I/O layer
+maps and binds, then calls :meth:`Engine.complete_introduce` with the
+token, which returns the OK (after ``@introduceDomain``) or the ERROR reply
+followed by the replies to the held requests.  Meanwhile the domain is
+"introducing": IS_DOMAIN_INTRODUCED says ``F``, another INTRODUCE of it is
+refused with EBUSY (from the same connection it simply waits its turn).
+If the requesting connection closes meanwhile its held requests are
+dropped; the introduction still completes (the request was made), only
+its reply goes nowhere.  Re-introducing a known domain (resume) is
+answered at once, as before.
+
 Beyond XENSTORE_API.md the engine offers ``domain_shutdown(domid)``
 (@releaseDomain once per shutdown), ``domain_usage(domid)``,
 ``quota(name, domid)`` (effective quota incl. per-domain overrides),
@@ -28,12 +44,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from ..wire import OK, PAYLOAD_MAX, Op, Packet, XenStoreError
+from ..wire import ERROR_NAMES, OK, PAYLOAD_MAX, Op, Packet, XenStoreError
 from .connection import Connection
 from .control import ControlState, c_atoi, run_control
 from .domains import (
     DOMID_SELF,
     SUPPORTED_FEATURES,
+    Domain,
     DomainTable,
     Introduced,
     Released,
@@ -68,6 +85,25 @@ def _strings(payload: bytes) -> list[str]:
     return parts
 
 
+class _Deferred(Exception):
+    """A handler's way of saying "no reply now" (deferred INTRODUCE)."""
+
+
+class _PendingIntroduce:
+    """An INTRODUCE waiting for the I/O layer to map and bind."""
+
+    __slots__ = ("conn", "packet", "domid", "gfn", "port", "created")
+
+    def __init__(self, conn: Connection, packet: Packet, domid: int, gfn: int, port: int, created: bool) -> None:
+        self.conn = conn
+        self.packet = packet
+        self.domid = domid
+        self.gfn = gfn
+        self.port = port
+        #: The domain table got its record from this INTRODUCE (dropped again on failure).
+        self.created = created
+
+
 def _onearg(payload: bytes) -> str:
     """cxenstored ``onearg``: exactly one NUL, as the last byte."""
     if not payload or payload.find(b"\0") != len(payload) - 1:
@@ -85,6 +121,7 @@ class Engine:
         domain_exists: Callable[[int], bool] = lambda domid: True,
         store: Store | None = None,
         features: int = SUPPORTED_FEATURES,
+        defer_introduce: bool = False,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         self.store = store if store is not None else Store()
@@ -98,6 +135,13 @@ class Engine:
         self.internal_errors = 0
         self.last_internal_error: Exception | None = None
         self._effects: list = []
+        #: INTRODUCE of a new domain waits for :meth:`complete_introduce`
+        #: (settable at run time: the I/O layer that maps rings turns it on).
+        self.defer_introduce = defer_introduce
+        self._introductions: dict[int, _PendingIntroduce] = {}  # token -> request
+        self._next_token = 0
+        #: Connections waiting for their INTRODUCE reply -> their later requests.
+        self._held: dict[Connection, list[Packet]] = {}
         # Per-request scratch: deliveries queued before the reply / after it.
         self._out: list[Delivery] = []
         self._after: list[Delivery] = []
@@ -141,7 +185,10 @@ class Engine:
         return conn
 
     def disconnect(self, conn: Connection) -> list[Delivery]:
-        """Forget a connection: its watches and open transactions go.  Idempotent."""
+        """Forget a connection: its watches and open transactions go.  Idempotent.
+        Requests held behind its pending INTRODUCE are dropped (unanswered)."""
+        if self._held:
+            self._held.pop(conn, None)
         self._reset_connection(conn)
         conn.alive = False
         self._conns.pop(conn.id, None)
@@ -150,7 +197,14 @@ class Engine:
     def handle(self, conn: Connection, packet: Packet) -> list[Delivery]:
         """Process one request.  Returns the deliveries in queueing order:
         watch events caused by the request (for any connection), then the
-        reply to ``conn``, then (WATCH only) the initial event."""
+        reply to ``conn``, then (WATCH only) the initial event.  Nothing while
+        ``conn`` waits for a deferred INTRODUCE: the request is held and
+        answered, in order, by :meth:`complete_introduce`."""
+        if self._held:
+            held = self._held.get(conn)
+            if held is not None:
+                held.append(packet)
+                return []
         entry = self._dispatch.get(packet.op)
         if entry is None:
             return [(conn, packet.error_reply("ENOSYS"))]
@@ -167,6 +221,8 @@ class Engine:
             payload = handler(conn, packet, tx)
             if len(payload) > PAYLOAD_MAX:
                 raise _err("E2BIG")
+        except _Deferred:
+            return out
         except XenStoreError as e:
             out.append((conn, packet.error_reply(e.name)))
             if self._after:
@@ -183,6 +239,51 @@ class Engine:
             out += self._after
             self._after = []
         return out
+
+    def complete_introduce(self, token: int, error: str | None = None) -> list[Delivery]:
+        """Finish a deferred INTRODUCE (``Introduced.pending == token``).
+
+        ``error is None``: the ring is mapped and the channel bound, so the
+        domain is introduced now (``@introduceDomain`` fires, its guest
+        connections start afresh) and OK is the reply.  Otherwise ``error``
+        (an errno name, e.g. from the failed map or bind; names without a
+        XenStore wire name, like ESRCH, go out as EINVAL, as cxenstored's
+        ``send_error`` does) is the reply and the domain stays unknown.
+        Returns the deliveries: events, the reply (unless its connection
+        closed meanwhile), then the output of the connection's held
+        requests, which are processed now.  An unknown or already completed
+        token: ``[]``."""
+        pending = self._introductions.pop(token, None)
+        if pending is None:
+            return []
+        conn, packet = pending.conn, pending.packet
+        domain = self.domains.get(pending.domid)
+        out: list[Delivery] = []
+        if domain is not None:
+            domain.introducing = False
+        if error is None and domain is not None:
+            self._out = out
+            self._set_introduced(domain, pending.gfn, pending.port)
+            reply = Packet(packet.op, packet.req_id, packet.tx_id, OK)
+        else:
+            if pending.created and domain is not None and not domain.introduced:
+                self.domains.forget(pending.domid)
+            reply = packet.error_reply(error if error in ERROR_NAMES else _EINVAL)
+        if conn.alive:
+            out.append((conn, reply))
+        held = self._held.pop(conn, None)
+        if held and conn.alive:
+            for i, later in enumerate(held):
+                out += self.handle(conn, later)
+                waiting = self._held.get(conn)
+                if waiting is not None:  # another deferred INTRODUCE: the rest waits again
+                    waiting += held[i + 1 :]
+                    break
+        return out
+
+    def introduce_pending(self, token: int) -> bool:
+        """Does a deferred INTRODUCE wait for ``complete_introduce(token)``?"""
+        return token in self._introductions
 
     def take_changes(self) -> list[Change]:
         """Committed store mutations since the last call (to journal)."""
@@ -220,6 +321,7 @@ class Engine:
             "transactions": sum(len(c.transactions) for c in self._conns.values()),
             "connections": len(self._conns),
             "domains": sum(1 for d in self.domains if d.introduced),
+            "introducing": len(self._introductions),
             "generation": self.store.generation,
             "internal_errors": self.internal_errors,
         }
@@ -598,18 +700,35 @@ class Engine:
             return OK  # the master domain is introduced at start-up
         if domid < 0 or not self.domains.exists(domid):
             raise _err(_EINVAL)  # cxenstored: ESRCH, which has no wire name
+        created = self.domains.get(domid) is None
         domain = self.domains.find_or_alloc(domid)
+        if domain.introducing:
+            raise _err("EBUSY")  # another connection's INTRODUCE of it is under way
+        if not domain.introduced and self.defer_introduce:
+            # The I/O layer maps and binds first; the reply waits (see module doc).
+            self._next_token += 1
+            token = self._next_token
+            domain.introducing = True
+            self._introductions[token] = _PendingIntroduce(conn, packet, domid, gfn, port, created)
+            self._held[conn] = []
+            self._effects.append(Introduced(domid, gfn, port, token))
+            raise _Deferred
+        self._effects.append(Introduced(domid, gfn, port))
+        self._set_introduced(domain, gfn, port)
+        return OK
+
+    def _set_introduced(self, domain: Domain, gfn: int, port: int) -> None:
+        """cxenstored introduce_domain after the map and bind: the guest's
+        connections start afresh; @introduceDomain fires for a new domain."""
         new = not domain.introduced
         domain.introduced = True
         domain.gfn, domain.port = gfn, port
         domain.shutdown_reported = False
-        self._effects.append(Introduced(domid, gfn, port))
         for c in list(self._conns.values()):
-            if c.domid == domid and not c.privileged:
+            if c.domid == domain.domid and not c.privileged:
                 self._reset_connection(c)
         if new:
             self.watches.fire_special("@introduceDomain", self.domains.introduce_perms, self._out)
-        return OK
 
     def _domain_arg(self, packet: Packet) -> int:
         """RELEASE/RESUME argument: a connected, non-zero domain."""
@@ -699,7 +818,7 @@ class Engine:
         domain = self.domains.find_or_alloc(c_atoi(args[0]))
         if domain is None:
             raise _err("ENOENT")
-        if domain.introduced:
+        if domain.introduced or domain.introducing:
             raise _err("EBUSY")
         if features & ~self.features:
             raise _err(_EINVAL)
