@@ -32,6 +32,7 @@ from typing import Any, Protocol, Sequence
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
 from ringbuf.byte_ring import ByteRingRole, ConsoleRing
 from ringbuf.evtchn import EventChannel, PeerClosedError
 from ringbuf.grants import GNTTAB_RESERVED_CONSOLE, GrantError
@@ -115,7 +116,7 @@ async def pump_console(ring: ConsoleRing, channel: EventChannel, endpoint: Conso
     gone = trio.Event()
     endpoint.set_wakeup(wake.set)
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             nursery.start_soon(_notifications, channel, wake, gone)
             while True:
                 moved = False
@@ -191,7 +192,7 @@ class PrimaryConsoleBackend:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until the backend directory is removed (or cancelled)."""
         removed = trio.Event()
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             await nursery.start(self._watch_removal, removed)
             task_status.started()
             if not removed.is_set():
@@ -277,7 +278,7 @@ class ConsoleBackend(Backend):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 self._nursery = nursery
                 await super().run(task_status=task_status)
                 nursery.cancel_scope.cancel()

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
 from ringbuf.byte_ring import ByteRingRole, ConsoleRing
 from ringbuf.evtchn import EventChannel, PeerClosedError
 from ringbuf.grants import GNTST_eagain, GrantError
@@ -149,7 +150,7 @@ class ConsoleFrontend(Frontend):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 self._nursery = nursery
                 await super().run(task_status=task_status)
                 nursery.cancel_scope.cancel()
@@ -180,7 +181,7 @@ class ConsoleFrontend(Frontend):
 
         async def serve() -> None:
             with scope:
-                async with trio.open_nursery() as nursery:
+                async with open_background_nursery() as nursery:
                     await nursery.start(console.run)
                     if self.session is not None:
                         await self.session(console, number)

@@ -32,6 +32,8 @@ from typing import BinaryIO
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
+
 from .backend_host import BackendHost
 from .console_backend import console_backend_factory
 
@@ -177,7 +179,7 @@ class ConsoleDaemon:
             os.umask(old_umask)
         listener.listen(16)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 await nursery.start(self.host.run)
                 nursery.start_soon(trio.serve_listeners, self._handle_client, [trio.SocketListener(listener)])
                 task_status.started()
@@ -220,7 +222,7 @@ class ConsoleDaemon:
                 await stream.send_all(b"OK\n")
                 if extra:
                     session.feed(extra)
-                async with trio.open_nursery() as nursery:
+                async with open_background_nursery() as nursery:
                     nursery.start_soon(self._to_client, stream, receive, nursery.cancel_scope)
                     while True:
                         data = await stream.receive_some(4096)
@@ -288,7 +290,7 @@ async def serve(args: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
     async with open_hypervisor(args.hypervisor) as hv, xenstore.open_client(args.xenstore) as xs:
         daemon = ConsoleDaemon(xs, hv, args.log_dir, socket_path)
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             await nursery.start(daemon.run)
             if args.ready_fd is not None:
                 os.write(args.ready_fd, b"1")

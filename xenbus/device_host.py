@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
 from xenstore.wire import XenStoreError
 
 from .driver import ChangeFlag, Store
@@ -123,7 +124,7 @@ class DeviceHost:
         """Serve until cancelled.  ``started`` once every type directory is
         watched and the devices present at that time have their drivers
         started (each driver's own ``started`` included)."""
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             for kind in self.drivers:
                 await nursery.start(self._serve_type, kind, nursery)
             task_status.started()
@@ -132,7 +133,7 @@ class DeviceHost:
 
     async def _serve_type(self, kind: str, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         flag = self._changed[kind]
-        async with trio.open_nursery() as watchers:
+        async with open_background_nursery() as watchers:
             await watchers.start(self._drain_watch, kind, flag)
             await self._scan(kind, nursery)
             task_status.started()
@@ -183,29 +184,36 @@ class DeviceHost:
         scanned.set()
 
     async def _run_driver(self, slot: HostedDevice, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-
-        async def body(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            await slot.driver.run(task_status=task_status)
-
+        # The driver runs right in this task (no nursery in between), so a
+        # crash is caught here as the driver's own exception.
+        status = _RecordingTaskStatus(task_status)
         try:
-            async with trio.open_nursery() as inner:
-                await inner.start(body)
-                started = True
-                task_status.started()
+            await slot.driver.run(task_status=status)
         except Exception as exc:
             # One broken device never takes the host down.
             slot.failed = exc
             log.exception("dom%d: driver of %s failed", self.domid, slot.device)
         finally:
             slot.done.set()
-            if not started:
+            if not status.called:
                 task_status.started()
             # A finished slot is forgotten by the next scan if its directory
             # is gone; make sure that scan happens.
             flag = self._changed.get(slot.device.kind)
             if flag is not None:
                 flag.set()
+
+
+class _RecordingTaskStatus:
+    """Passes ``started()`` on to ``status`` and remembers that it did."""
+
+    def __init__(self, status: trio.TaskStatus[None]) -> None:
+        self._status = status
+        self.called = False
+
+    def started(self, value: None = None) -> None:
+        self._status.started(value)
+        self.called = True
 
 
 async def list_children(store: Store, path: str) -> list[str]:

@@ -33,6 +33,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
 from xenstore.wire import XenStoreError
 
 from .handshake import HandshakeError, OtherEnd, format_error, read_other_end
@@ -295,7 +296,7 @@ class Driver:
             if self.other is None:
                 task_status.started()
                 return
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 for path in self._watched_paths():
                     await nursery.start(self._drain_watch, path)
                 task_status.started()

@@ -26,6 +26,7 @@ import sys
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
 from ringbuf.hypervisor import open_hypervisor
 from ringbuf.memory import FrameAllocator
 from ringbuf.hypervisor.domains import SHUTDOWN_poweroff, SHUTDOWN_reboot
@@ -104,7 +105,7 @@ async def run_guest(args: argparse.Namespace) -> int:
             name = (await xs.read(f"{domain_path(domid)}/name")).decode(errors="replace")
         except XenStoreError:
             name = "?"
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             console = None
             if start is not None:
                 console = await open_guest_console(hv, start)

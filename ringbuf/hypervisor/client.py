@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import trio
 
+from .._trio_util import open_background_nursery
 from ..evtchn import EventChannel
 from ..grants import (GNTST_no_device_space, GNTTAB_NR_RESERVED_ENTRIES, GTF_permit_access, GTF_readonly, CopySegment,
                       GrantError, GrantRefAllocator, GrantTableView)
@@ -394,7 +395,7 @@ async def open_hypervisor(path: str | None = None, *, fd: int | None = None) -> 
             raise
     client = HypervisorClient(sock)
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             await client._start(nursery)
             try:
                 yield client

@@ -11,6 +11,7 @@ import sys
 
 import trio
 
+from .._trio_util import open_background_nursery
 from .service import HypervisorService, ServiceLimits
 
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace) -> None:
     limits = ServiceLimits(dom0_pages=args.dom0_pages, dom0_grant_frames=args.grant_frames)
     service = HypervisorService(limits)
-    async with trio.open_nursery() as nursery:
+    async with open_background_nursery() as nursery:
         await nursery.start(service.serve, args.socket)
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"1")

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
+from .._trio_util import open_background_nursery
 from ..evtchn import VIRQ_DOM_EXC, new_eventfd
 from ..grants import (ENTRIES_PER_FRAME, GNTST_bad_handle, CopySegment, CopySide, GrantAuthority,
                       GrantError, RefBlocks)
@@ -138,7 +139,7 @@ class HypervisorService:
             os.umask(old_umask)
         listener.listen(64)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
                 while True:
@@ -159,7 +160,7 @@ class HypervisorService:
 
     async def _run_connection(self, conn: _Connection) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 nursery.start_soon(self._write_loop, conn, nursery.cancel_scope)
                 await self._read_loop(conn)
                 nursery.cancel_scope.cancel()

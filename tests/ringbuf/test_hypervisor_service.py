@@ -45,7 +45,7 @@ GUEST = """
 
 
 async def _readline(proc) -> str:
-    return (await trio.to_thread.run_sync(proc.stdout.readline, cancellable=True)).strip()
+    return (await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)).strip()
 
 
 async def _wait_gone(dom0, domid):

@@ -214,22 +214,9 @@ def attach_console(socket_path: str, domid: int, devid: int = 0, *, stdin: int =
         sock.close()
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The one real error inside nested (nursery) exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except BaseExceptionGroup as group:
-        exc = _leaf(group)
-        if isinstance(exc, KeyboardInterrupt):
-            return 130
-        print(f"uxl: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -18,6 +18,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
+
 from ..wire import Op, Packet, PacketReader, ProtocolError, XenStoreError, split_strings
 from ._api import Operations
 from ._errors import ConnectionClosed
@@ -451,20 +453,13 @@ async def open_client(path: str | None = None, *, transport: Transport | None = 
     if transport is None:
         transport = await open_unix_transport(path)
     client = Client(transport)
-    body_error: BaseException | None = None
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_background_nursery() as nursery:
             nursery.start_soon(client._read_loop)
             nursery.start_soon(client._write_loop)
             try:
                 yield client
-            except BaseException as exc:
-                # Re-raised below, outside the nursery, so callers see their
-                # own exception and not an exception group.
-                body_error = exc
             finally:
                 nursery.cancel_scope.cancel()
     finally:
         await client.aclose()
-    if body_error is not None:
-        raise body_error

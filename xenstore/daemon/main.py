@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
+
 from .journal import FsyncPolicy, JournalError, StateDir
 from .server import Listener, ServerConfig, XenstoreServer, default_socket_path, open_listener
 from .trace import Tracer
@@ -360,7 +362,7 @@ async def _run(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         listener = open_listener(socket_path, before_listen=write_pid)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 await nursery.start(server.serve, listener)
                 if link is not None:  # guests' rings (--hypervisor)
                     await nursery.start(link.serve)
