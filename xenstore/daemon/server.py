@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 import trio
 
+from ringbuf._trio_util import open_background_nursery
+
 from ..wire import Op, Packet, PacketReader, ProtocolError
 from .journal import FsyncPolicy, JournalError, StateDir
 from .outqueue import OutputQueue
@@ -256,7 +258,7 @@ class XenstoreServer:
         self._epoll = select.epoll()
         self._epoll.register(listener.fileno(), _EPOLLIN)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_background_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
                 await self._loop(listener)
