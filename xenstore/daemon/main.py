@@ -379,6 +379,10 @@ async def _run(
                         return
 
                 nursery.start_soon(watch_signals)
+        except BaseExceptionGroup as group:
+            # The server's task failed; it recorded why (raised below).
+            if server.fatal_error is None or group.subgroup(lambda exc: exc is server.fatal_error) is None:
+                raise
         finally:
             listener.close()
     if server.fatal_error is not None:
