@@ -3,13 +3,22 @@
 Started when the daemon has a hypervisor socket (``--hypervisor PATH``).
 It carries out the engine's effects (fact sheet §3.9.2 step 6, §3.9.4):
 
-* ``Introduced(domid, gfn, port)`` of a new domain: map the guest's grant
-  ref 1 (``GNTTAB_RESERVED_XENSTORE``, like cxenstored, not the gfn), bind
-  an interdomain event channel to ``(domid, port)``, offer the ring
-  features (RECONNECTION and ERROR, as far as the domain's feature set
-  allows), create the guest's unprivileged engine connection and serve the
-  ring (:class:`~xenstore.daemon.domain_conn.DomainConnection`).  Of a known
-  domain (resume): rebind the channel to the new port and restart the ring.
+* ``Introduced(domid, gfn, port, pending)`` of a new domain: map the
+  guest's grant ref 1 (``GNTTAB_RESERVED_XENSTORE``, like cxenstored, not
+  the gfn) and bind an interdomain event channel to ``(domid, port)``.  If
+  either fails, the INTRODUCE is answered with that call's errno
+  (``Engine.complete_introduce(pending, error)``; a domain the hypervisor
+  does not know, or a grant that does not map, gives EINVAL, like
+  cxenstored on Linux) and nothing else happens.  On success: offer the
+  ring features (RECONNECTION and ERROR, as far as the domain's feature set
+  allows), create the guest's unprivileged engine connection, complete the
+  INTRODUCE in the engine (``@introduceDomain``), zero the ring indices and,
+  if the guest waits with ``connection == 1``, set it to 0 and notify
+  (cxenstored 4.17.3+ order), start serving the ring
+  (:class:`~xenstore.daemon.domain_conn.DomainConnection`), and only then
+  send the OK.  So a guest may use its ring as soon as the toolstack got
+  the OK.  Of a known domain (resume): rebind the channel to the new port
+  and restart the ring (that INTRODUCE was answered at once).
 * ``Released(domid)`` (RELEASE or death): stop serving, drop the engine
   connection, unbind the channel, unmap the page.
 
@@ -19,11 +28,11 @@ or gone is destroyed in the engine (its connection, watches, transactions
 and owned nodes go, ``@releaseDomain`` fires); one that shut down fires
 ``@releaseDomain`` once.
 
-The INTRODUCE reply is sent before the page is mapped (the engine is pure
-and the map is a request to the service); a guest may only rely on the
-ring being served once it is running, which the toolstack starts after
-INTRODUCE.  If mapping or binding fails the domain is destroyed again
-(``@releaseDomain``, ``IS_DOMAIN_INTRODUCED`` says ``F``).
+While the link serves, the engine defers introductions
+(``engine.defer_introduce``): the toolstack's connection gets no reply, and
+none to its later requests, until the map and bind are done; other
+connections are served meanwhile.  Introductions are carried out one at a
+time, in order, with the other effects.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from ringbuf.grants import GNTTAB_RESERVED_XENSTORE, GrantError
 from ringbuf.hypervisor import GrantMapping, HypervisorClient, HypervisorError, open_hypervisor
 
 from ..core.domains import Introduced, Released
-from ..wire import Packet
+from ..wire import ERROR_NAMES, Packet
 from .domain_conn import DomainConnection
 
 __all__ = ["HypervisorLink", "ENV_HYPERVISOR_PATH"]
@@ -74,6 +83,8 @@ class HypervisorLink:
         self._by_conn: dict[Any, DomainConnection] = {}
         self._effects_send, self._effects_receive = trio.open_memory_channel[Any](math.inf)
         self._hv: HypervisorClient | None = None
+        #: Tokens of deferred INTRODUCEs handed to us and not yet completed.
+        self._introducing: set[int] = set()
 
     # -- public --------------------------------------------------------------
 
@@ -87,12 +98,15 @@ class HypervisorLink:
                 raise OSError(f"hypervisor service {self.path}: cannot bind VIRQ_DOM_EXC: {exc}") from None
             self.server.external_sink = self._route
             self.server.effects_handler = self._on_effects
+            self.engine.defer_introduce = True
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._carry_out_effects)
                     nursery.start_soon(self._watch_domains, virq)
                     task_status.started()
             finally:
+                self.engine.defer_introduce = False
+                self._abort_introductions()
                 self.server.external_sink = None
                 self.server.effects_handler = None
                 for domid in list(self._guests):
@@ -163,6 +177,8 @@ class HypervisorLink:
                 if guest is not None:
                     self._effects_send.send_nowait(guest)
             elif isinstance(item, Introduced):
+                if item.pending is not None:
+                    self._introducing.add(item.pending)
                 self._effects_send.send_nowait(item)
 
     async def _carry_out_effects(self) -> None:
@@ -176,6 +192,8 @@ class HypervisorLink:
                     self.server.commit_and_deliver(item)
             except (HypervisorError, GrantError, OSError) as exc:
                 log.error("%r failed: %s", item, exc)
+                if isinstance(item, Introduced):  # its INTRODUCE must not wait forever
+                    self._finish_introduce(item, getattr(exc, "code", "EIO"))
 
     # -- introduce / release ---------------------------------------------------------
 
@@ -184,28 +202,68 @@ class HypervisorLink:
         assert hv is not None
         domid = item.domid
         guest = self._guests.get(domid)
-        if guest is not None:
+        if guest is not None and item.pending is None:
             await self._rebind(guest, item.port)
             return
-        if not self.engine.domains.is_introduced(domid):
+        if not self._still_wanted(item):
             return  # released again before we got here
         try:
             mapping = await hv.map_grants(domid, [GNTTAB_RESERVED_XENSTORE])
         except (HypervisorError, GrantError) as exc:
             log.error("domain %d: cannot map its xenstore page: %s", domid, exc)
-            self._destroy(domid)
+            # Linux's gntdev reports a grant that does not map as EINVAL.
+            self._finish_introduce(item, exc.code if isinstance(exc, HypervisorError) else "EINVAL")
             return
         try:
             channel = await hv.bind_interdomain(domid, item.port)
         except HypervisorError as exc:
             log.error("domain %d: cannot bind port %d: %s", domid, item.port, exc)
             await hv.unmap_grants(mapping)
-            self._destroy(domid)
+            self._finish_introduce(item, exc.code)
             return
-        if not self.engine.domains.is_introduced(domid):  # released meanwhile
+        if not self._still_wanted(item):  # released meanwhile
             await hv.close_port(channel)
             await hv.unmap_grants(mapping)
             return
+        self._serve_new(item, mapping, channel)
+
+    def _still_wanted(self, item: Introduced) -> bool:
+        if item.pending is not None:
+            return self.engine.introduce_pending(item.pending)
+        return self.engine.domains.is_introduced(item.domid)
+
+    def _finish_introduce(self, item: Introduced, error: str) -> None:
+        """Mapping or binding failed: the INTRODUCE fails with ``error``
+        (idempotent).  An introduction answered before we served (no
+        token) is undone instead."""
+        if item.pending is None:
+            self._destroy(item.domid)
+        elif item.pending in self._introducing:
+            self._introducing.discard(item.pending)
+            if error not in ERROR_NAMES:
+                log.info("domain %d: %s has no XenStore name: INTRODUCE fails with EINVAL", item.domid, error)
+            self.server.commit_and_deliver(self.engine.complete_introduce(item.pending, error))
+
+    def _abort_introductions(self) -> None:
+        """We stop serving: introductions still waiting fail (EIO)."""
+        tokens, self._introducing = self._introducing, set()
+        for token in tokens:
+            try:
+                self.server.commit_and_deliver(self.engine.complete_introduce(token, "EIO"))
+            except Exception:  # the daemon is going down anyway
+                log.exception("cannot answer a pending INTRODUCE")
+
+    def _serve_new(self, item: Introduced, mapping: GrantMapping, channel: EventChannel) -> None:
+        """Mapped and bound: complete the INTRODUCE and serve the ring; the
+        OK leaves last, once the ring is live (no awaits in here)."""
+        domid = item.domid
+        deliveries: list = []
+        if item.pending is not None:
+            self._introducing.discard(item.pending)
+            # @introduceDomain + OK, then the replies to the toolstack's
+            # requests held behind it (a RELEASE among them is carried out
+            # through the effects handler by commit_and_deliver below).
+            deliveries = self.engine.complete_introduce(item.pending)
         ring = XenstoreRing(mapping.pages[0], ByteRingRole.SERVER)
         ring.advertise_features(self._features(domid))
         domain = DomainConnection(
@@ -219,13 +277,19 @@ class HypervisorLink:
             outstanding_limit=lambda: self._outstanding(domid),
         )
         domain.conn = self._connect(domain)
-        guest = _Guest(domain, mapping)
-        self._guests[domid] = guest
-        if ring.connection:  # a guest waiting for us (dom0less style): done
+        self._guests[domid] = _Guest(domain, mapping)
+        # cxenstored >= 4.17.3: zero the four indices, then tell a guest
+        # waiting for xenstore (connection == 1, dom0less style) it is there.
+        ring.outgoing.reset(0)
+        ring.incoming.reset(0)
+        if ring.reconnect_requested():
             ring.complete_reconnect()
+            channel.notify()
         self.server.add_reader(channel.wait_fd, domain.on_event)
-        domain.on_event()
         log.info("domain %d: serving its ring (port %d)", domid, channel.port)
+        self.server.commit_and_deliver(deliveries)
+        if not domain.closed:
+            domain.on_event()
 
     def _outstanding(self, domid: int) -> int:
         """The domain's ``outstanding`` quota, read live (CONTROL / SET_QUOTA
