@@ -128,6 +128,16 @@ class Toolstack:
         domid, fd = await self.hv.create_domain(nr_pages)
         try:
             store = await introduce_guest(self.hv, self.xs, domid, name=name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return await self.spawn_guest(store, fd)
+
+    async def spawn_guest(self, store: Any, fd: int) -> GuestProcess:
+        """Start the agent of a created and introduced domain (``fd``: its
+        hypervisor connection, closed here)."""
+        domid = store.domid
+        try:
             env = dict(os.environ, UXEN_HYPERVISOR_FD=str(fd), **store.environment())
             proc = await trio.lowlevel.open_process(
                 [sys.executable, AGENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, pass_fds=[fd]
