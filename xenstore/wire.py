@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from operator import itemgetter as _itemgetter
 
 __all__ = [
     "HEADER",
@@ -119,51 +120,42 @@ class ProtocolError(Exception):
     """The peer broke framing (e.g. ``len`` > 4096): the stream is unusable."""
 
 
-class Packet:
+class Packet(tuple):
     """One XenStore message: header fields plus raw payload bytes.
 
-    Immutable, compared and hashed by value.  (Written out rather than as
-    a frozen dataclass: importing ``dataclasses`` costs the command-line
-    tools, which import this module, about 10 ms per call.)
+    Immutable, compared and hashed by value (never equal to a plain tuple).
+    A tuple underneath: building one is a single C-level allocation, which
+    matters because the daemon makes two per request.  (Not a frozen
+    dataclass: importing ``dataclasses`` costs the command-line tools, which
+    import this module, about 10 ms per call.)
     """
 
-    __slots__ = ("op", "req_id", "tx_id", "payload")
+    __slots__ = ()
     __match_args__ = ("op", "req_id", "tx_id", "payload")
 
-    op: int
-    req_id: int
-    tx_id: int
-    payload: bytes
+    def __new__(cls, op: int, req_id: int = 0, tx_id: int = 0, payload: bytes = b"") -> "Packet":
+        return _tuple_new(cls, (op, req_id, tx_id, payload))
 
-    def __init__(self, op: int, req_id: int = 0, tx_id: int = 0, payload: bytes = b"") -> None:
-        setter = object.__setattr__
-        setter(self, "op", op)
-        setter(self, "req_id", req_id)
-        setter(self, "tx_id", tx_id)
-        setter(self, "payload", payload)
+    op: int = property(_itemgetter(0), doc="Message type (:class:`Op`).")  # type: ignore[assignment]
+    req_id: int = property(_itemgetter(1), doc="Request id, echoed in the reply.")  # type: ignore[assignment]
+    tx_id: int = property(_itemgetter(2), doc="Transaction id (0: none).")  # type: ignore[assignment]
+    payload: bytes = property(_itemgetter(3), doc="Raw payload bytes.")  # type: ignore[assignment]
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} of a frozen Packet")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r} of a frozen Packet")
-
-    def _fields(self) -> tuple:
-        return (self.op, self.req_id, self.tx_id, self.payload)
-
+    # Only a Packet equals a Packet (a tuple's own comparison would say
+    # Packet(2, 1, 0, b"") == (2, 1, 0, b"")).
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is self.__class__:
-            return self._fields() == other._fields()  # type: ignore[attr-defined]
-        return NotImplemented
+        return other.__class__ is self.__class__ and _tuple_eq(self, other)
 
-    def __hash__(self) -> int:
-        return hash(self._fields())
+    def __ne__(self, other: object) -> bool:
+        return other.__class__ is not self.__class__ or _tuple_ne(self, other)
+
+    __hash__ = tuple.__hash__
 
     def __repr__(self) -> str:
-        return f"Packet(op={self.op!r}, req_id={self.req_id!r}, tx_id={self.tx_id!r}, payload={self.payload!r})"
+        return f"Packet(op={self[0]!r}, req_id={self[1]!r}, tx_id={self[2]!r}, payload={self[3]!r})"
 
     def __reduce__(self) -> tuple:
-        return (Packet, self._fields())
+        return (Packet, tuple(self))
 
     def encode(self) -> bytes:
         """Header + payload, ready to write to the stream.
@@ -171,21 +163,28 @@ class Packet:
         Raises :class:`ValueError` if the payload is over the 4096-byte limit
         (that is the local caller's bug, not the peer's).
         """
-        if len(self.payload) > PAYLOAD_MAX:
-            raise ValueError(f"payload of {len(self.payload)} bytes exceeds {PAYLOAD_MAX}")
-        return HEADER.pack(self.op, self.req_id, self.tx_id, len(self.payload)) + self.payload
+        op, req_id, tx_id, payload = self
+        if len(payload) > PAYLOAD_MAX:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds {PAYLOAD_MAX}")
+        return _pack_header(op, req_id, tx_id, len(payload)) + payload
 
     def reply(self, op: int, payload: bytes) -> "Packet":
         """A reply echoing this request's ``req_id`` and ``tx_id`` (as cxenstored)."""
-        return Packet(op, self.req_id, self.tx_id, payload)
+        return _tuple_new(Packet, (op, self[1], self[2], payload))
 
     def error_reply(self, name: str) -> "Packet":
-        return Packet(Op.ERROR, self.req_id, self.tx_id, name.encode() + b"\x00")
+        return _tuple_new(Packet, (Op.ERROR, self[1], self[2], name.encode() + b"\x00"))
 
     @property
     def args(self) -> list[bytes]:
         """The payload split into NUL-terminated strings (see :func:`split_strings`)."""
-        return split_strings(self.payload)
+        return split_strings(self[3])
+
+
+_tuple_new = tuple.__new__
+_tuple_eq = tuple.__eq__
+_tuple_ne = tuple.__ne__
+_pack_header = HEADER.pack
 
 
 class PacketReader:
@@ -200,38 +199,55 @@ class PacketReader:
     cannot be resynchronised (cxenstored drops the connection).
     """
 
-    __slots__ = ("_buf", "_max")
+    # The unparsed bytes are ``_buf[_pos:]``: packets are sliced out of the
+    # received chunk at an advancing offset (one copy per payload), and the
+    # consumed head is only dropped when more data is fed.
+    __slots__ = ("_buf", "_pos", "_max")
 
     def __init__(self, max_payload: int = PAYLOAD_MAX) -> None:
-        self._buf = bytearray()
+        self._buf = b""
+        self._pos = 0
         self._max = max_payload
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        buf = self._buf
+        if self._pos == len(buf):
+            self._buf = data if data.__class__ is bytes else bytes(data)
+        else:
+            self._buf = buf[self._pos :] + data
+        self._pos = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as packets."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def next_packet(self) -> Packet | None:
         """The next complete packet, or ``None`` if more bytes are needed."""
         buf = self._buf
-        if len(buf) < 16:
+        pos = self._pos
+        if len(buf) - pos < 16:
             return None
-        op, req_id, tx_id, length = HEADER.unpack_from(buf)
+        op, req_id, tx_id, length = _unpack_header(buf, pos)
         if length > self._max:
             raise ProtocolError(f"payload length {length} exceeds {self._max}")
-        end = 16 + length
+        start = pos + 16
+        end = start + length
         if len(buf) < end:
             return None
-        payload = bytes(buf[16:end])
-        del buf[:end]
-        return Packet(op, req_id, tx_id, payload)
+        if end == len(buf):  # all parsed: do not keep the chunk alive
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
+        return _tuple_new(Packet, (op, req_id, tx_id, buf[start:end]))
 
     def __iter__(self):
         while (packet := self.next_packet()) is not None:
             yield packet
+
+
+_unpack_header = HEADER.unpack_from
 
 
 def split_strings(payload: bytes) -> list[bytes]:
