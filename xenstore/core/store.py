@@ -21,7 +21,8 @@ transaction commit, journal replay and snapshot restore share one code path.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from types import MappingProxyType
+from typing import Iterable, Iterator, Mapping
 
 from ..wire import XenStoreError
 from .perms import Perms
@@ -32,23 +33,36 @@ Change = tuple  # ("set", path, value, perms) | ("rm", path)
 
 _ROOT_PERMS = Perms.owned_by(0)
 
+#: The ``children`` of every live leaf: most nodes are leaves, and a dict
+#: each would be a third of their memory.  Read-only, so a missed
+#: copy-on-first-child fails loudly instead of corrupting every leaf.
+NO_CHILDREN: Mapping[str, None] = MappingProxyType({})
+
 
 class Node:
-    """One node.  ``children`` keys are names in creation order."""
+    """One node.  ``children`` keys are names in creation order (a shared
+    read-only empty mapping for a live leaf: the store swaps in a dict when
+    the first child comes).  Whoever changes ``children`` resets
+    ``listing``, the cached ``DIRECTORY`` payload."""
 
-    __slots__ = ("value", "perms", "children", "generation")
+    __slots__ = ("value", "perms", "children", "generation", "listing")
 
-    def __init__(self, value: bytes, perms: Perms, children: dict[str, None], generation: int) -> None:
+    def __init__(self, value: bytes, perms: Perms, children: Mapping[str, None], generation: int) -> None:
         self.value = value
         self.perms = perms
         self.children = children
         self.generation = generation
+        self.listing: bytes | None = None
 
     def children_bytes(self) -> bytes:
-        """The ``DIRECTORY`` payload: each name followed by a NUL."""
-        if not self.children:
-            return b""
-        return ("\0".join(self.children) + "\0").encode()
+        """The ``DIRECTORY`` payload: each name followed by a NUL (cached
+        until the children change: directories are listed far more often
+        than they change)."""
+        listing = self.listing
+        if listing is None:
+            children = self.children
+            listing = self.listing = ("\0".join(children) + "\0").encode() if children else b""
+        return listing
 
     def __repr__(self) -> str:
         return f"Node({self.value!r}, {self.perms!r}, {list(self.children)}, gen={self.generation})"
@@ -98,9 +112,12 @@ class Store:
         if node is None:
             parent_path, name = _split(path)
             parent = self.nodes[parent_path]
+            if parent.children is NO_CHILDREN:
+                parent.children = {}
             parent.children[name] = None
+            parent.listing = None
             parent.generation = gen
-            self.nodes[path] = Node(value, perms, {}, gen)
+            self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             counts[perms.owner] = counts.get(perms.owner, 0) + 1
             created = True
         else:
@@ -129,6 +146,7 @@ class Store:
         parent_path, name = _split(path)
         parent = nodes[parent_path]
         del parent.children[name]
+        parent.listing = None
         parent.generation = self.generation = self.generation + 1
         self.journal.append(("rm", path))
         return removed
@@ -272,6 +290,7 @@ class Overlay:
             parent_path, name = _split(path)
             parent = self._own(parent_path, self.get(parent_path))
             parent.children[name] = None
+            parent.listing = None
             parent.generation = gen
             self.nodes[path] = Node(value, perms, {}, gen)
             delta[perms.owner] = delta.get(perms.owner, 0) + 1
@@ -297,6 +316,7 @@ class Overlay:
             self.nodes[p] = None
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
         parent.children.pop(name, None)  # absent only if the live tree moved under us
+        parent.listing = None
         parent.generation = self.live.generation = self.live.generation + 1
         self.ops.append(("rm", path))
         return removed
