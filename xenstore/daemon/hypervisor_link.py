@@ -85,32 +85,35 @@ class HypervisorLink:
         self._hv: HypervisorClient | None = None
         #: Tokens of deferred INTRODUCEs handed to us and not yet completed.
         self._introducing: set[int] = set()
+        # Hooked up right away, not in serve(): the server accepts clients
+        # before serve() has reached the service, and an INTRODUCE coming in
+        # between must wait for its ring too (its effect waits in the queue).
+        server.external_sink = self._route
+        server.effects_handler = self._on_effects
+        self.engine.defer_introduce = True
 
     # -- public --------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, bind VIRQ_DOM_EXC, then serve until cancelled."""
-        async with open_hypervisor(self.path) as hv:
-            self._hv = hv
-            try:
-                virq = await hv.bind_virq(VIRQ_DOM_EXC)
-            except HypervisorError as exc:  # e.g. another xenstored holds it
-                raise OSError(f"hypervisor service {self.path}: cannot bind VIRQ_DOM_EXC: {exc}") from None
-            self.server.external_sink = self._route
-            self.server.effects_handler = self._on_effects
-            self.engine.defer_introduce = True
-            try:
+        try:
+            async with open_hypervisor(self.path) as hv:
+                self._hv = hv
+                try:
+                    virq = await hv.bind_virq(VIRQ_DOM_EXC)
+                except HypervisorError as exc:  # e.g. another xenstored holds it
+                    raise OSError(f"hypervisor service {self.path}: cannot bind VIRQ_DOM_EXC: {exc}") from None
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._carry_out_effects)
                     nursery.start_soon(self._watch_domains, virq)
                     task_status.started()
-            finally:
-                self.engine.defer_introduce = False
-                self._abort_introductions()
-                self.server.external_sink = None
-                self.server.effects_handler = None
-                for domid in list(self._guests):
-                    self._forget(domid)
+        finally:
+            self.engine.defer_introduce = False
+            self._abort_introductions()
+            self.server.external_sink = None
+            self.server.effects_handler = None
+            for domid in list(self._guests):
+                self._forget(domid)
 
     def domain(self, domid: int) -> DomainConnection | None:
         guest = self._guests.get(domid)
@@ -206,7 +209,8 @@ class HypervisorLink:
             await self._rebind(guest, item.port)
             return
         if not self._still_wanted(item):
-            return  # released again before we got here
+            self._introducing.discard(item.pending)  # type: ignore[arg-type]
+            return  # released again (or given up) before we got here
         try:
             mapping = await hv.map_grants(domid, [GNTTAB_RESERVED_XENSTORE])
         except (HypervisorError, GrantError) as exc:
