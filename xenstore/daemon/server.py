@@ -15,13 +15,20 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
 4. only then queues the replies and events and ``send()``-s each
    connection's queue in one call.
 
-The loop first waits up to ``linger`` (1 ms) in its own epoll, since a busy
-client's next request is usually microseconds away; only when nothing comes
-does it ``await`` trio (``wait_readable`` on the epoll fd), and it passes a
-trio checkpoint every few busy iterations so that signals and compaction
-get their turn.  A sequential request thus costs three system calls
-(epoll_wait, recv, send) and no task switch, instead of a task wake-up and
-an epoll re-registration per request.  Nothing is ever awaited between
+While no other trio task is runnable or waiting for I/O (the daemon's
+usual state), the loop waits up to ``linger`` (50 ms, or less if a trio
+deadline comes first) in its own epoll, since a client's next request is
+usually microseconds away; only when nothing comes does it ``await`` trio
+(``wait_readable`` on the epoll fd).  When other tasks need trio (in-process
+clients, a hypervisor link waiting on a socket) it hands over at once.  It
+also passes a trio checkpoint every few busy iterations so that signals and
+compaction get their turn.  A sequential request thus costs three system
+calls (epoll_wait, recv, send) and no task switch, instead of a task
+wake-up and an epoll re-registration per request.  (The linger is long on
+purpose: an epoll_wait timeout shorter than the kernel tick arms a timer
+that must be reprogrammed at every wake-up, which under a hypervisor -- and
+dom0 always runs under one -- cost more CPU than the request itself: a
+1 ms linger measured 10-15 us per request, a 50 ms one 2-4 us.)  Nothing is ever awaited between
 ``engine.handle`` and the journal append, so right after an append the
 store is exactly what the journals describe: that is where compaction
 switches journals and snapshots the store (a worker thread writes it).
@@ -62,11 +69,27 @@ _WATCH_EVENT = int(Op.WATCH_EVENT)
 
 _wait_readable = trio.lowlevel.wait_readable
 _checkpoint = trio.lowlevel.checkpoint
+_current_statistics = trio.lowlevel.current_statistics
+#: Tasks trio itself keeps waiting for I/O (the run_sync_soon task).
+_TRIO_OWN_READERS = 1
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _EPOLL_GONE = select.EPOLLHUP | select.EPOLLERR
 #: Busy loop iterations between two trio checkpoints.
 _ITERATIONS_PER_CHECKPOINT = 8
+
+
+def _linger_timeout(linger: float) -> float:
+    """How long the loop may wait in its own epoll without keeping trio from
+    anything: ``linger``, cut to the next trio deadline, and 0 while another
+    task is runnable or waits for I/O (only trio's epoll would see that
+    ready).  Trio's own run_sync_soon task always waits on its wake-up
+    socket: signals and thread results wait at most ``linger``."""
+    stats = _current_statistics()
+    io = stats.io_statistics
+    if stats.tasks_runnable or io.tasks_waiting_read > _TRIO_OWN_READERS or io.tasks_waiting_write:
+        return 0.0
+    return max(0.0, min(linger, stats.seconds_to_next_deadline))
 
 
 def default_socket_path(environ: dict[str, str] | os._Environ = os.environ) -> str:
@@ -167,8 +190,9 @@ class ServerConfig:
     #: At most this many new connections are accepted per iteration.
     accept_batch: int = 64
     #: Seconds the loop waits for the next request in its own epoll before
-    #: handing control back to trio (which then waits as long as needed).
-    linger: float = 0.001
+    #: handing control back to trio (which then waits as long as needed);
+    #: only while no other task needs trio, and never past a trio deadline.
+    linger: float = 0.05
 
 
 class _Client:
@@ -294,10 +318,14 @@ class XenstoreServer:
         linger = self.config.linger
         busy = 0
         while True:
-            # Sleep briefly in epoll itself: a chatty client's next request
-            # usually comes within microseconds, and waking up through trio
-            # costs several times more.  Idle longer: trio waits.
-            events = poll(0 if self._runnable else linger)
+            # Wait in epoll itself: a chatty client's next request usually
+            # comes within microseconds, and waking up through trio costs
+            # several times more.  Idle longer: trio waits.
+            events = poll(0)
+            if not events and not self._runnable:
+                timeout = _linger_timeout(linger)  # (not free: only when idle)
+                if timeout:
+                    events = poll(timeout)
             if self._accept_paused_until and trio.current_time() >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
                 self._epoll.modify(listener_fd, _EPOLLIN)
