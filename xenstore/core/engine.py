@@ -26,7 +26,10 @@ refused with EBUSY (from the same connection it simply waits its turn).
 If the requesting connection closes meanwhile its held requests are
 dropped; the introduction still completes (the request was made), only
 its reply goes nowhere.  Re-introducing a known domain (resume) is
-answered at once, as before.
+answered at once, as before.  Only replies wait: watch events for the
+waiting connection are delivered as they happen.  The held requests are
+not bounded here (INTRODUCE is privileged: only dom0's connections wait,
+and the I/O layer completes within one map and bind).
 
 Beyond XENSTORE_API.md the engine offers ``domain_shutdown(domid)``
 (@releaseDomain once per shutdown), ``domain_usage(domid)``,

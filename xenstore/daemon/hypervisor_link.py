@@ -28,11 +28,14 @@ or gone is destroyed in the engine (its connection, watches, transactions
 and owned nodes go, ``@releaseDomain`` fires); one that shut down fires
 ``@releaseDomain`` once.
 
-While the link serves, the engine defers introductions
-(``engine.defer_introduce``): the toolstack's connection gets no reply, and
-none to its later requests, until the map and bind are done; other
-connections are served meanwhile.  Introductions are carried out one at a
-time, in order, with the other effects.
+From its construction until :meth:`HypervisorLink.serve` ends, the engine
+defers introductions (``engine.defer_introduce``): the toolstack's
+connection gets no reply, and none to its later requests, until the map
+and bind are done; other connections are served meanwhile (so, unlike in
+cxenstored, whose loop blocks in the map, watch events caused by them may
+reach the toolstack before its OK).  Introductions are carried out one at
+a time, in order, with the other effects; one still waiting when the link
+stops fails with EIO.
 """
 
 from __future__ import annotations
