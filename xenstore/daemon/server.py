@@ -70,6 +70,8 @@ _WATCH_EVENT = int(Op.WATCH_EVENT)
 _wait_readable = trio.lowlevel.wait_readable
 _checkpoint = trio.lowlevel.checkpoint
 _current_statistics = trio.lowlevel.current_statistics
+_current_time = trio.current_time
+_FOREVER = float("inf")
 #: Tasks trio itself keeps waiting for I/O (the run_sync_soon task).
 _TRIO_OWN_READERS = 1
 _EPOLLIN = select.EPOLLIN
@@ -77,19 +79,6 @@ _EPOLLOUT = select.EPOLLOUT
 _EPOLL_GONE = select.EPOLLHUP | select.EPOLLERR
 #: Busy loop iterations between two trio checkpoints.
 _ITERATIONS_PER_CHECKPOINT = 8
-
-
-def _linger_timeout(linger: float) -> float:
-    """How long the loop may wait in its own epoll without keeping trio from
-    anything: ``linger``, cut to the next trio deadline, and 0 while another
-    task is runnable or waits for I/O (only trio's epoll would see that
-    ready).  Trio's own run_sync_soon task always waits on its wake-up
-    socket: signals and thread results wait at most ``linger``."""
-    stats = _current_statistics()
-    io = stats.io_statistics
-    if stats.tasks_runnable or io.tasks_waiting_read > _TRIO_OWN_READERS or io.tasks_waiting_write:
-        return 0.0
-    return max(0.0, min(linger, stats.seconds_to_next_deadline))
 
 
 def default_socket_path(environ: dict[str, str] | os._Environ = os.environ) -> str:
@@ -257,6 +246,9 @@ class XenstoreServer:
         self._touched: list[_Client] = []  # clients with output this iteration
         self._others: list[tuple[Any, Packet]] = []  # deliveries to other connections
         self._runnable: list[_Client] = []  # unthrottled clients with buffered requests
+        #: Trio time up to which the loop may linger in its own epoll (None:
+        #: ask trio again); see _linger_timeout.
+        self._linger_until: float | None = None
         self._compacting = False
         self._accept_paused_until = 0.0  # trio time; 0 = accepting
         self._nursery: trio.Nursery | None = None
@@ -321,16 +313,25 @@ class XenstoreServer:
             # Wait in epoll itself: a chatty client's next request usually
             # comes within microseconds, and waking up through trio costs
             # several times more.  Idle longer: trio waits.
-            events = poll(0)
-            if not events and not self._runnable:
-                timeout = _linger_timeout(linger)  # (not free: only when idle)
-                if timeout:
-                    events = poll(timeout)
+            until = self._linger_until
+            if self._runnable:
+                events = poll(0)
+            elif until is None:  # ask trio, but only if nothing is waiting already
+                events = poll(0)
+                if not events:
+                    timeout = self._linger_timeout(linger)
+                    if timeout:
+                        events = poll(timeout)
+            elif until == _FOREVER:
+                events = poll(linger)
+            else:
+                events = poll(max(0.0, min(linger, until - _current_time())))
             if self._accept_paused_until and trio.current_time() >= self._accept_paused_until:
                 self._accept_paused_until = 0.0
                 self._epoll.modify(listener_fd, _EPOLLIN)
             if not events and not self._runnable:
                 busy = 0
+                self._linger_until = None  # other tasks run meanwhile
                 if self._accept_paused_until:
                     with trio.move_on_at(self._accept_paused_until):
                         await _wait_readable(epoll_fd)
@@ -351,6 +352,7 @@ class XenstoreServer:
                 if client is None:
                     reader = self._readers.get(fd)
                     if reader is not None:
+                        self._linger_until = None  # (it may wake tasks)
                         reader()
                     continue
                 if mask & _EPOLLOUT:
@@ -364,7 +366,29 @@ class XenstoreServer:
             busy += 1
             if busy >= _ITERATIONS_PER_CHECKPOINT:
                 busy = 0
+                self._linger_until = None
                 await _checkpoint()  # signals, compaction, cancellation
+
+    def _linger_timeout(self, linger: float) -> float:
+        """How long the loop may wait in its own epoll without keeping trio
+        from anything: ``linger``, cut to the next trio deadline, and 0 while
+        another task is runnable or waits for I/O (only trio's epoll would
+        see that ready).  Trio's own run_sync_soon task always waits on its
+        wake-up socket: signals and thread results wait at most ``linger``.
+
+        Asking trio costs microseconds, so the answer is kept (as the time
+        up to which lingering is fine) until something could change it:
+        every ``await`` of the loop, and every call out of it that may wake
+        a task (``_linger_until = None`` there).
+        """
+        stats = _current_statistics()
+        io = stats.io_statistics
+        if stats.tasks_runnable or io.tasks_waiting_read > _TRIO_OWN_READERS or io.tasks_waiting_write:
+            self._linger_until = _current_time()  # no lingering until re-checked
+            return 0.0
+        timeout = max(0.0, min(linger, stats.seconds_to_next_deadline))
+        self._linger_until = _current_time() + stats.seconds_to_next_deadline
+        return timeout
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(self.config.accept_batch):
@@ -517,6 +541,7 @@ class XenstoreServer:
             client = clients.get(target)
             if client is None:
                 if self.external_sink is not None:
+                    self._linger_until = None  # (it may wake tasks)
                     self.external_sink(target, packet)
                 continue
             if client.closed:
@@ -635,6 +660,7 @@ class XenstoreServer:
         effects = engine.take_effects()
         if effects:
             if self.effects_handler is not None:
+                self._linger_until = None  # (it may wake tasks)
                 self.effects_handler(effects)
             else:
                 log.debug("ignoring engine effects %r", effects)
@@ -671,6 +697,7 @@ class XenstoreServer:
             log.critical("%s; shutting down", error)
             self.fatal_error = error
             raise error from None
+        self._linger_until = None
         self._nursery.start_soon(self._write_snapshot, first, snapshot)
 
     async def _write_snapshot(self, first: int, snapshot: list) -> None:
