@@ -49,13 +49,14 @@ def home_path(domid: int) -> str:
 
 def is_valid_path(path: str, path_max: int) -> bool:
     """True iff ``path`` is a valid absolute node path (not an ``@`` name)."""
-    if _VALID(path) is None:
-        return False
-    n = len(path)
-    if n <= path_max:
-        return True
+    return _VALID(path) is not None and (len(path) <= path_max or _long_local_path_ok(path, path_max))
+
+
+def _long_local_path_ok(path: str, path_max: int) -> bool:
+    """A path over ``path_max`` is still fine if it is ``/local/domain/<id>/``
+    followed by at most ``path_max`` characters."""
     m = _LOCAL_PREFIX(path)
-    return m is not None and n - m.end() <= path_max
+    return m is not None and len(path) - m.end() <= path_max
 
 
 def resolve(raw: str, home: str, path_max: int) -> str:
@@ -68,7 +69,8 @@ def resolve(raw: str, home: str, path_max: int) -> str:
         if raw[:1] == "@":
             raise XenStoreError("EINVAL")
         raw = f"{home}/{raw}"
-    if not is_valid_path(raw, path_max):
+    # is_valid_path, inline: this runs for nearly every request.
+    if _VALID(raw) is None or (len(raw) > path_max and not _long_local_path_ok(raw, path_max)):
         raise XenStoreError("EINVAL")
     return raw
 
