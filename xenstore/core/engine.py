@@ -237,7 +237,7 @@ class Engine:
             out.append((conn, packet.error_reply("EIO")))
             self._after = []
             return out
-        out.append((conn, Packet(packet.op, packet.req_id, packet.tx_id, payload)))
+        out.append((conn, packet.reply(packet.op, payload)))
         if self._after:
             out += self._after
             self._after = []
