@@ -490,10 +490,9 @@ class XenstoreServer:
             client.touched = False
             if client.closed:
                 continue
-            replies = client.replies
-            if replies or client.own_events is not None:
-                self._queue_output(client)
-            if client.queue.size:
+            if client.replies or client.own_events is not None:
+                self._send_output(client)
+            elif client.queue.size:
                 self._flush(client)
             if client.stalled and not client.throttled and not client.closed:
                 if self._must_wait(client, high):
@@ -508,6 +507,38 @@ class XenstoreServer:
                     self._flush(client)
         if self.tracer:
             self.tracer.flush()
+
+    def _send_output(self, client: _Client) -> None:
+        """Send the iteration's replies and own events.  With nothing queued
+        before them and no events among them (the usual case) they go
+        straight to the socket and only what it does not take is queued;
+        otherwise through the queue."""
+        replies = client.replies
+        queue = client.queue
+        if client.own_events is not None or queue.size:
+            self._queue_output(client)
+            self._flush(client)
+            return
+        data = replies[0] if len(replies) == 1 else b"".join(replies)
+        client.replies = []
+        client.reply_bytes = 0
+        try:
+            sent = client.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(client)
+            return
+        if sent < len(data):
+            # The replies not completely sent stay outstanding in the queue.
+            complete = end = 0
+            for reply in replies:
+                end += len(reply)
+                if end > sent:
+                    break
+                complete += 1
+            queue.push_replies(data[sent:], len(replies) - complete)
+            self._update_interest(client)
 
     def _queue_output(self, client: _Client) -> None:
         """Move the iteration's replies (and own events, in order) to the queue."""
