@@ -13,7 +13,9 @@ TRANSACTION_END transaction, with 1 and 8 connections, one request at a
 time ("seq") and 32 in flight ("pipe32"); WRITE throughput with 10,000
 unrelated watches registered vs none; resident memory after writing 100,000
 nodes.  Columns: ours / theirs / ratio (ours/theirs; for memory, lower is
-better).  Throughputs are the best of --repeat runs, the daemons taking
+better), then each daemon's CPU time per operation in microseconds (from
+/proc/PID/schedstat over the measured window; a TX is one operation of
+three requests).  Throughputs are the best of --repeat runs, the daemons taking
 turns run by run, because a shared machine is noisy.  The client is stdlib + xenstore.wire; each connection runs in its
 own process so the client is not the bottleneck.  Everything written lives
 under /bench-* and is removed at the end.
@@ -118,24 +120,35 @@ def _run_ops(c: Client, phase: str, nops: int, depth: int, base: bytes) -> int:
     return errors
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time a process has used so far, in ns (scheduler accounting:
+    exact, unlike the tick-sampled times of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
 def _worker(path, phase, nops, depth, base, barrier, results):
     try:
         c = Client(path)
+        daemon = c.pid_of_peer()
         _run_ops(c, "write", KEYS, 32, base)  # the keys READ and TX use exist
         barrier.wait()
+        cpu0 = cpu_ns(daemon)
         start = time.perf_counter()
         errors = _run_ops(c, phase, nops, depth, base)
-        results.put((time.perf_counter() - start, errors, None))
+        elapsed = time.perf_counter() - start
+        results.put((elapsed, errors, None, cpu0, cpu_ns(daemon)))
     except Exception as exc:  # report instead of hanging the barrier
         try:
             barrier.abort()
         except Exception:
             pass
-        results.put((0.0, 0, repr(exc)))
+        results.put((0.0, 0, repr(exc), 0, 0))
 
 
-def measure(path: str, phase: str, conns: int, depth: int, nops: int, tag: str) -> float:
-    """ops/s for ``phase`` over ``conns`` processes (``nops`` in total)."""
+def measure(path: str, phase: str, conns: int, depth: int, nops: int, tag: str) -> tuple[float, float]:
+    """``(ops/s, daemon CPU us per op)`` for ``phase`` over ``conns``
+    processes (``nops`` in total; a TX counts as one op)."""
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(conns)
     results = ctx.Queue()
@@ -149,15 +162,17 @@ def measure(path: str, phase: str, conns: int, depth: int, nops: int, tag: str) 
     got = [results.get(timeout=300) for _ in procs]
     for p in procs:
         p.join()
-    failures = [e for _, _, e in got if e]
+    failures = [g[2] for g in got if g[2]]
     if failures:
         raise RuntimeError(f"{phase}: {failures[0]}")
-    if any(errors for _, errors, _ in got):
-        raise RuntimeError(f"{phase}: {sum(e for _, e, _ in got)} ERROR replies")
-    return per * conns / max(t for t, _, _ in got)
+    if any(g[1] for g in got):
+        raise RuntimeError(f"{phase}: {sum(g[1] for g in got)} ERROR replies")
+    # The daemon's CPU from the first worker's start to the last one's end.
+    cpu = max(g[4] for g in got) - min(g[3] for g in got)
+    return per * conns / max(g[0] for g in got), cpu / 1000 / (per * conns)
 
 
-def measure_watches(path: str, nops: int, nwatches: int) -> float:
+def measure_watches(path: str, nops: int, nwatches: int) -> tuple[float, float]:
     """WRITE ops/s (1 connection, seq) while ``nwatches`` unrelated watches exist."""
     watcher = Client(path)
     if nwatches:
@@ -204,20 +219,25 @@ def cleanup(path: str) -> None:
             c.call(Op.RM, b"/" + name + b"\0")
 
 
-def run_suite(paths: list[str], args) -> list[tuple[str, list[float]]]:
+def run_suite(paths: list[str], args) -> list[tuple[str, list[float], list[float] | None]]:
     """Every measurement, each one on every daemon in turn (so that a noisy
     moment on a shared machine hits all columns alike)."""
-    rows: list[tuple[str, list[float]]] = []
+    rows: list[tuple[str, list[float], list[float] | None]] = []
 
     def row(label: str, measure_one) -> None:
         # Best of --repeat runs, the daemons taking turns: on a shared
         # machine the best run is the one least disturbed by others.
+        # The daemon's CPU per op (the least of the runs) is the steadier
+        # figure when others load the machine.
         values = [0.0] * len(paths)
+        cpus = [float("inf")] * len(paths)
         for _ in range(args.repeat):
             for i, path in enumerate(paths):
-                values[i] = max(values[i], measure_one(path))
-        rows.append((label, values))
-        print(f"  {label:34} " + " ".join(f"{v:12,.1f}" for v in values), file=sys.stderr, flush=True)
+                rate, cpu = measure_one(path)
+                values[i] = max(values[i], rate)
+                cpus[i] = min(cpus[i], cpu)
+        rows.append((label, values, cpus))
+        print(f"  {label:34} " + " ".join(f"{v:12,.1f}" for v in values + cpus), file=sys.stderr, flush=True)
 
     for phase in ("write", "read", "dir", "tx"):
         for conns in (1, 8):
@@ -228,8 +248,8 @@ def run_suite(paths: list[str], args) -> list[tuple[str, list[float]]]:
     row("WRITE 1 conn seq, 0 watches", lambda path: measure_watches(path, args.ops, 0))
     row(f"WRITE 1 conn seq, {args.watches // 1000}k watches", lambda path: measure_watches(path, args.ops, args.watches))
     memory = [measure_memory(path, args.nodes) for path in paths]
-    rows.append((f"RSS MiB after {args.nodes:,} nodes", [m[0] for m in memory]))
-    rows.append((f"RSS growth MiB for {args.nodes:,} nodes", [m[1] for m in memory]))
+    rows.append((f"RSS MiB after {args.nodes:,} nodes", [m[0] for m in memory], None))
+    rows.append((f"RSS growth MiB for {args.nodes:,} nodes", [m[1] for m in memory], None))
     for path in paths:
         cleanup(path)
     return rows
@@ -295,13 +315,19 @@ def main() -> int:
         if theirs_pid is not None:
             os.kill(theirs_pid, signal.SIGTERM)
         subprocess.run(["rm", "-rf", tmp])
-    print(f"{'benchmark':40} {'ours':>12} {'theirs':>12} {'ratio':>7}")
-    for label, values in rows:
+    header = f"{'benchmark':40} {'ours':>12}"
+    if len(paths) > 1:
+        header += f" {'theirs':>12} {'ratio':>7}"
+    header += f" {'ours us/op':>11}" + (f" {'theirs us/op':>13}" if len(paths) > 1 else "")
+    print(header)
+    for label, values, cpus in rows:
         fmt = "{:12,.1f}" if "MiB" in label else "{:12,.0f}"
         line = f"{label:40} {fmt.format(values[0])}"
         if len(values) > 1:
             ratio = values[0] / values[1] if values[1] else float("nan")
             line += f" {fmt.format(values[1])} {ratio:7.2f}"
+        if cpus is not None:
+            line += f" {cpus[0]:11.1f}" + (f" {cpus[1]:13.1f}" if len(cpus) > 1 else "")
         print(line)
     return 0
 
