@@ -26,6 +26,8 @@ import xenstore
 from ringbuf.hypervisor import open_hypervisor
 from xenbus.toolstack import introduce_guest, release_guest
 
+from hypervisor_service import hypervisor_service
+
 AGENT = os.path.join(os.path.dirname(__file__), "guest_agent.py")
 #: Every wait in these tests; generous for 2 busy cores.
 STEP_TIMEOUT = 15
@@ -34,24 +36,8 @@ STEP_TIMEOUT = 15
 @pytest.fixture(scope="module")
 def hypervisor_path(xenstored_module_factory) -> Iterator[str]:
     path = os.path.join(xenstored_module_factory.tmpdir, "hv.sock")
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", path, "--ready-fd", str(write_end)],
-        pass_fds=[write_end],
-    )
-    os.close(write_end)
-    try:
-        ready = os.read(read_end, 1)
-        os.close(read_end)
-        assert ready == b"1", "hypervisor service failed to start"
+    with hypervisor_service(path):
         yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -10,30 +10,15 @@ from typing import Iterator
 
 import pytest
 
+from hypervisor_service import hypervisor_service
+
 
 @pytest.fixture
 def hypervisor_socket(tmp_path) -> Iterator[str]:
     """Path of a freshly started ``uxen-hypervisor`` (a subprocess)."""
     path = str(tmp_path / "hv.sock")
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", path,
-         "--ready-fd", str(write_end)],
-        pass_fds=[write_end],
-    )
-    os.close(write_end)
-    try:
-        ready = os.read(read_end, 1)  # EOF if the service died first
-        os.close(read_end)
-        assert ready == b"1", "hypervisor service failed to start"
+    with hypervisor_service(path) as proc:
         yield path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, f"service exited with {proc.returncode}"
 
 
