@@ -207,16 +207,20 @@ def _bound(client: xenstore.Client, tx_id: int) -> xenstore.Transaction:
     return t
 
 
+def _advance(steps: Steps, value: object, error: BaseException | None) -> Op | None:
+    """The script's next operation, given the outcome of the last one (None once it has finished)."""
+    try:
+        return steps.throw(error) if error is not None else steps.send(value)
+    except StopIteration:
+        return None
+
+
 def drive_sync(client: xenstore.SyncClient, steps: Steps | None) -> None:
     if steps is None:
         return
     value: object = None
     error: BaseException | None = None
-    while True:
-        try:
-            op = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration:
-            return
+    while (op := _advance(steps, value, error)) is not None:
         value, error = None, None
         try:
             value = _sync_do(client, op)
@@ -229,11 +233,7 @@ async def drive_async(client: xenstore.Client, steps: Steps | None) -> None:
         return
     value: object = None
     error: BaseException | None = None
-    while True:
-        try:
-            op = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration:
-            return
+    while (op := _advance(steps, value, error)) is not None:
         value, error = None, None
         try:
             value = await _async_do(client, op)
