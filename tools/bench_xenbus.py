@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""The guest side of the stack: XenStore over a guest's ring page, and the PV console.
+
+Starts its own hypervisor service, xenstored (``-I on --hypervisor``) and
+console daemon in a temp dir, creates one guest the way ``uxl create``
+does (:func:`xenbus.toolstack.domains.create_domain`; the guest is this
+script with ``--guest``) and prints one table, each figure next to a
+baseline measured in the same run, against the same daemons:
+
+* READ round trip, sequential: guest over its ring (``open_guest_client``)
+  vs a dom0 client over the unix socket (median µs and ops/s);
+* READs with 32 in flight on one connection: ring vs socket;
+* console output: bytes a guest writes through ``GuestConsole`` until the
+  console daemon has them in its log file, vs the same bytes through a pipe
+  into a second process that writes them to a file the same way.
+
+    python3 tools/bench_xenbus.py [--quick]
+
+The guest reports its figures through its own XenStore home
+(``data/bench-result``).  The last line printed is the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+import xenstore
+from ringbuf.hypervisor import open_hypervisor
+from xenbus.console_frontend import open_guest_console
+from xenbus.start_info import ConsoleStart
+from xenbus.toolstack.config import DomainConfig
+from xenbus.toolstack.domains import create_domain, destroy_domain
+
+START_TIMEOUT = 15.0
+VALUE = b"v" * 16
+CHUNK = 4096  # what the console writer and the pipe writer hand over per call
+DEPTH = 32
+
+
+# -- the measurements, shared by guest and dom0 -------------------------------
+
+
+async def sequential_reads(client: xenstore.Client, path: str, n: int) -> list[float]:
+    """Seconds per READ, one at a time (after a short warm-up)."""
+    read, clock = client.read, time.perf_counter
+    for _ in range(50):
+        await read(path)
+    times = []
+    for _ in range(n):
+        t0 = clock()
+        await read(path)
+        times.append(clock() - t0)
+    return times
+
+
+async def pipelined_reads(client: xenstore.Client, path: str, total: int, depth: int = DEPTH) -> float:
+    """READs per second with ``depth`` tasks sharing the connection."""
+    per_task = max(1, total // depth)
+
+    async def reader() -> None:
+        for _ in range(per_task):
+            await client.read(path)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(depth):
+            nursery.start_soon(reader)
+    return per_task * depth / (time.perf_counter() - t0)
+
+
+def read_figures(times: list[float], rate: float) -> dict[str, float]:
+    median = statistics.median(times)
+    return {"read_us": median * 1e6, "read_ops": 1 / median, "pipelined_ops": rate}
+
+
+# -- the guest (this script, started by the toolstack) ------------------------
+
+
+async def guest_main(args: argparse.Namespace) -> None:
+    start = ConsoleStart.from_env()
+    assert start is not None, "no primary console"
+    async with open_hypervisor() as hv, xenstore.open_guest_client(hypervisor=hv) as xs:
+        # Console first, while dom0 only watches the log file.  perf_counter is
+        # CLOCK_MONOTONIC, so the host can compare our start with its end.
+        console = await open_guest_console(hv, start)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(console.run)
+            block = b"c" * CHUNK
+            t0 = time.perf_counter()
+            for _ in range(args.console_bytes // CHUNK):
+                await console.write(block)
+            nursery.cancel_scope.cancel()
+        await xs.write("data/bench-console-start", repr(t0).encode())
+        await trio.sleep(0.3)  # let the console daemon drain before timing reads
+        await xs.write("data/bench", VALUE)
+        times = await sequential_reads(xs, "data/bench", args.reads)
+        rate = await pipelined_reads(xs, "data/bench", args.pipelined)
+        await xs.write("data/bench-result", json.dumps(read_figures(times, rate)).encode())
+
+
+# -- the pipe baseline's reader -------------------------------------------------
+
+
+def pipe_reader(path: str) -> None:
+    """Copy stdin to ``path`` unbuffered, as the console daemon logs."""
+    with open(path, "ab", buffering=0) as log:
+        os.write(1, b"1")
+        while chunk := os.read(0, 65536):
+            log.write(chunk)
+
+
+# -- dom0: the host -----------------------------------------------------------
+
+
+class Daemons:
+    """Hypervisor service, xenstored and console daemon in a temp dir."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="uxb-", dir="/tmp")  # short: AF_UNIX path limit
+        self.hv_path = os.path.join(self.dir, "hv.sock")
+        self.xs_path = os.path.join(self.dir, "xs.sock")
+        self.log_dir = os.path.join(self.dir, "logs")
+        self.run_dir = os.path.join(self.dir, "run")
+        self.env = dict(os.environ, XENSTORED_PATH=self.xs_path, UXEN_HYPERVISOR_SOCKET=self.hv_path)
+        self.env.pop("UXEN_HYPERVISOR_FD", None)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self._start([sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", self.hv_path],
+                        self.hv_path, socket.SOCK_SEQPACKET)
+            self._start([sys.executable, "-m", "xenstore.daemon.main", "-N", "-I", "on", "--hypervisor", self.hv_path],
+                        self.xs_path)
+            con_path = os.path.join(self.dir, "con.sock")
+            self._start([sys.executable, "-m", "xenbus.consoled", "--log-dir", self.log_dir, "--socket", con_path],
+                        con_path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, cmd: list[str], path: str, kind: int = socket.SOCK_STREAM) -> None:
+        err = open(os.path.join(self.dir, os.path.basename(path) + ".err"), "ab")
+        proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        err.close()
+        self.procs.append(proc)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}")
+            with socket.socket(socket.AF_UNIX, kind) as probe:
+                try:
+                    probe.connect(path)
+                    return
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{cmd[2]} did not start") from None
+                    time.sleep(0.02)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):  # consoled, xenstored, hypervisor
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def wait_file_size(path: str, size: int, timeout: float) -> float:
+    """perf_counter() when ``path`` first holds ``size`` bytes (2 ms polls)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                if os.stat(path).st_size >= size:
+                    return time.perf_counter()
+            except FileNotFoundError:
+                pass
+            await trio.sleep(0.002)
+
+
+async def wait_node(xs: xenstore.Client, path: str, timeout: float) -> bytes:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                return await xs.read(path)
+            except xenstore.XenStoreError:
+                await trio.sleep(0.05)
+
+
+async def pipe_throughput(nbytes: int, path: str) -> float:
+    """Bytes/s from this process through a pipe into a reader process's file."""
+    proc = subprocess.Popen([sys.executable, __file__, "--pipe-reader", path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(1) == b"1"
+        block = b"c" * CHUNK
+        fd = proc.stdin.fileno()
+        t0 = time.perf_counter()
+        for _ in range(nbytes // CHUNK):
+            os.write(fd, block)  # blocking, like GuestConsole.write waiting for room
+        t1 = await wait_file_size(path, nbytes, 60)
+        return nbytes / (t1 - t0)
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+async def host_main(args: argparse.Namespace, daemons: Daemons) -> dict[str, float]:
+    nbytes = args.console_bytes // CHUNK * CHUNK
+    guest_cmd = [sys.executable, os.path.abspath(__file__), "--guest", "--reads", str(args.reads),
+                 "--pipelined", str(args.pipelined), "--console-bytes", str(nbytes)]
+    async with open_hypervisor(daemons.hv_path) as hv, xenstore.open_client(daemons.xs_path) as xs:
+        dom = await create_domain(hv, xs, DomainConfig(name="bench", command=guest_cmd),
+                                  run_dir=daemons.run_dir, xenstore_path=daemons.xs_path)
+        try:
+            home = f"/local/domain/{dom.domid}"
+            log = os.path.join(daemons.log_dir, f"guest-{dom.domid}.log")
+            t1 = await wait_file_size(log, nbytes, 120)
+            t0 = float(await wait_node(xs, f"{home}/data/bench-console-start", 30))
+            guest = json.loads(await wait_node(xs, f"{home}/data/bench-result", 120))
+            guest["console_Bps"] = nbytes / (t1 - t0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await destroy_domain(hv, xs, dom.domid)
+
+        # The baselines, same daemons, the guest gone.
+        await xs.write("/bench-xenbus/node", VALUE)
+        times = await sequential_reads(xs, "/bench-xenbus/node", args.reads)
+        rate = await pipelined_reads(xs, "/bench-xenbus/node", args.pipelined)
+        await xs.rm("/bench-xenbus")
+    dom0 = read_figures(times, rate)
+    dom0["console_Bps"] = await pipe_throughput(nbytes, os.path.join(daemons.dir, "pipe.log"))
+    return {**{f"guest_{k}": v for k, v in guest.items()}, **{f"base_{k}": v for k, v in dom0.items()}}
+
+
+ROWS = [  # key, label, unit scale, unit, baseline label, lower is better
+    ("read_us", "READ round trip, sequential (median)", 1, "µs", "dom0 socket", True),
+    ("read_ops", "READ, sequential", 1, "ops/s", "dom0 socket", False),
+    ("pipelined_ops", f"READ, {DEPTH} in flight", 1, "ops/s", "dom0 socket", False),
+    ("console_Bps", "console out: guest -> consoled -> log", 1 / 2**20, "MiB/s", "pipe -> proc -> file", False),
+]
+
+
+def print_table(fig: dict[str, float]) -> None:
+    print(f"{'measure':<40} {'ours':>10} {'baseline':>10} {'unit':<6} {'ratio':>6}  baseline is")
+    print("-" * 98)
+    for key, label, scale, unit, base_label, lower_better in ROWS:
+        ours, base = fig[f"guest_{key}"], fig[f"base_{key}"]
+        # ratio > 1: ours is slower / worse than the baseline
+        ratio = ours / base if lower_better else base / ours
+        print(f"{label:<40} {ours * scale:>10,.1f} {base * scale:>10,.1f} {unit:<6} {ratio:>5.2f}x  {base_label}")
+    print("ratio: how many times slower ours is than the baseline (1.00 = as fast)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts (well under a minute)")
+    parser.add_argument("--reads", type=int, help="sequential READs per side")
+    parser.add_argument("--pipelined", type=int, help="pipelined READs per side")
+    parser.add_argument("--console-bytes", type=int, help="console bytes per side")
+    parser.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pipe-reader", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pipe_reader:
+        pipe_reader(args.pipe_reader)
+        return 0
+    if args.guest:
+        trio.run(guest_main, args)
+        return 0
+    args.reads = args.reads or (2000 if args.quick else 10000)
+    args.pipelined = args.pipelined or (10000 if args.quick else 50000)
+    args.console_bytes = args.console_bytes or (2 if args.quick else 8) * 2**20
+    daemons = Daemons()
+    try:
+        figures = trio.run(host_main, args, daemons)
+    finally:
+        daemons.close()
+    print(f"guest (ring) vs dom0 (socket), same xenstored -I on; {args.reads} sequential, "
+          f"{args.pipelined} pipelined READs of {len(VALUE)} bytes; {args.console_bytes} console bytes")
+    print_table(figures)
+    print(json.dumps({k: round(v, 1) for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
