@@ -74,30 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--transaction", type=int, metavar="NB", help="transactions per domain")
     p.add_argument("-A", "--perm-nb", type=int, metavar="NB", help="permissions per node")
     p.add_argument("-M", "--path-max", type=int, metavar="CHARS", help="node path length limit")
-    p.add_argument(
-        "-Q",
-        "--quota",
-        action="append",
-        default=[],
-        metavar="WHAT=NB",
-        help="hard quota: " + ", ".join(_HARD_QUOTAS),
-    )
-    p.add_argument(
-        "-q",
-        "--quota-soft",
-        action="append",
-        default=[],
-        metavar="WHAT=NB",
-        help="soft (warning only) quota: " + ", ".join(_SOFT_QUOTAS),
-    )
-    p.add_argument(
-        "-w",
-        "--timeout",
-        action="append",
-        default=[],
-        metavar="WHAT=SECONDS",
-        help="timeouts: watch-event (accepted; events to socket connections never expire)",
-    )
+    # cxenstored's repeatable WHAT=VALUE options; _pairs() checks the names.
+    for short, long, metavar, help_text in (
+        ("-Q", "--quota", "WHAT=NB", "hard quota: " + ", ".join(_HARD_QUOTAS)),
+        ("-q", "--quota-soft", "WHAT=NB", "soft (warning only) quota: " + ", ".join(_SOFT_QUOTAS)),
+        ("-w", "--timeout", "WHAT=SECONDS",
+         "timeouts: " + ", ".join(_TIMEOUTS) + " (accepted; events to socket connections never expire)"),
+    ):
+        p.add_argument(short, long, action="append", default=[], metavar=metavar, help=help_text)
     p.add_argument(
         "-I",
         "--internal-db",
