@@ -41,7 +41,7 @@ from ringbuf.ring import RingIndexError
 from xenstore.wire import XenStoreError
 
 from .console import XENCONSOLE_CONNECTED, ConsoleBackendType, ConsoleRingInfo
-from .driver import Backend, ChangeFlag, Store, StoreOps, read_directory, transact
+from .driver import Backend, ChangeFlag, ConnectionTask, Store, StoreOps, read_directory, transact
 from .handshake import HandshakeError
 from .paths import DeviceId
 from .state import XenbusState, format_state
@@ -273,23 +273,19 @@ class ConsoleBackend(Backend):
         self.hv = hv
         self.endpoints = endpoints
         self._console: _MappedConsole | None = None
-        self._pump: trio.CancelScope | None = None
-        self._nursery: trio.Nursery | None = None
+        self._pump = ConnectionTask()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with open_background_nursery() as nursery:
-                self._nursery = nursery
+            async with self._pump.open():
                 await super().run(task_status=task_status)
-                nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
             if self._console is not None:
                 console, self._console = self._console, None
                 await console.aclose()
 
     async def connect(self, frontend_values: dict[str, bytes]) -> dict[str, str]:
-        assert self.other is not None and self._nursery is not None
+        assert self.other is not None and self._pump.is_open
         info = ConsoleRingInfo.of_assoc(frontend_values)
         await self.disconnect()
         try:
@@ -300,15 +296,8 @@ class ConsoleBackend(Backend):
             raise HandshakeError(_errno.EINVAL, f"mapping ring-ref {info.ring_ref} / binding port {info.port}: {exc}", "ring-ref") from None
         devid = int(self.nodename.rsplit("/", 1)[1])
         endpoint = self.endpoints.endpoint(self.other.domid, devid)
-        scope = trio.CancelScope()
-        self._pump = scope
         console = self._console
-
-        async def pump() -> None:
-            with scope:
-                await pump_console(console.ring, console.channel, endpoint)
-
-        self._nursery.start_soon(pump)
+        self._pump.start(lambda: pump_console(console.ring, console.channel, endpoint))
         return {}
 
     async def remove(self) -> None:
@@ -316,9 +305,7 @@ class ConsoleBackend(Backend):
         self.endpoints.release(self.other.domid, int(self.nodename.rsplit("/", 1)[1]))
 
     async def disconnect(self) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-            self._pump = None
+        self._pump.cancel()
         if self._console is not None:
             console, self._console = self._console, None
             await console.aclose()

@@ -31,7 +31,7 @@ from ringbuf.grants import GNTST_eagain, GrantError
 from ringbuf.memory import FrameAllocator
 
 from .console import XENCONSOLE_DISCONNECTED, ConsoleRingInfo, XenconsInterface
-from .driver import Frontend
+from .driver import ConnectionTask, Frontend
 from .start_info import ConsoleStart
 
 __all__ = ["GuestConsole", "open_guest_console", "ConsoleFrontend", "ConsoleSessionFn"]
@@ -145,17 +145,13 @@ class ConsoleFrontend(Frontend):
         self.connections = 0  # how many times it reached Connected
         self._gfn: int | None = None
         self._ref: int | None = None
-        self._nursery: trio.Nursery | None = None
-        self._scope: trio.CancelScope | None = None
+        self._session = ConnectionTask()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            async with open_background_nursery() as nursery:
-                self._nursery = nursery
+            async with self._session.open():
                 await super().run(task_status=task_status)
-                nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
             with trio.CancelScope(shield=True):
                 await self.disconnect()
 
@@ -173,27 +169,22 @@ class ConsoleFrontend(Frontend):
         return ConsoleRingInfo(ring_ref=self._ref, port=channel.port).to_assoc()
 
     async def connect(self, backend_values: dict[str, bytes]) -> dict[str, str]:
-        assert self._nursery is not None and self.console is not None
+        assert self._session.is_open and self.console is not None
         self.connections += 1
-        scope = trio.CancelScope()
-        self._scope = scope
         console, number = self.console, self.connections
 
         async def serve() -> None:
-            with scope:
-                async with open_background_nursery() as nursery:
-                    await nursery.start(console.run)
-                    if self.session is not None:
-                        await self.session(console, number)
-                        nursery.cancel_scope.cancel()
+            async with open_background_nursery() as nursery:
+                await nursery.start(console.run)
+                if self.session is not None:
+                    await self.session(console, number)
+                    nursery.cancel_scope.cancel()
 
-        self._nursery.start_soon(serve)
+        self._session.start(serve)
         return {}
 
     async def disconnect(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
-            self._scope = None
+        self._session.cancel()
         console, self.console = self.console, None
         if console is not None:
             console.release()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno as _errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -462,6 +462,49 @@ class Driver:
             self._changed.set()  # decide again from the state actually there
         self._state = result
         return True
+
+
+class ConnectionTask:
+    """The task serving a device while it is connected (a console's ring pump
+    or session), run beside the driver so that a disconnect can cancel it.
+
+    A driver wraps its ``run`` in :meth:`open`, calls :meth:`start` from
+    ``connect`` and :meth:`cancel` from ``disconnect``."""
+
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._nursery is not None
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        """Where tasks started meanwhile run; they are cancelled when the block ends."""
+        try:
+            async with open_background_nursery() as nursery:
+                self._nursery = nursery
+                yield
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+
+    def start(self, serve: Callable[[], Awaitable[None]]) -> None:
+        """Run ``serve()`` until it returns or :meth:`cancel` is called."""
+        assert self._nursery is not None, "start() outside open()"
+        scope = self._scope = trio.CancelScope()
+
+        async def task() -> None:
+            with scope:
+                await serve()
+
+        self._nursery.start_soon(task)
+
+    def cancel(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
 
 
 class Frontend(Driver):
