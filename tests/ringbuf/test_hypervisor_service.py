@@ -11,6 +11,8 @@ import mmap
 import os
 import socket
 import sys
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import pytest
 import trio
@@ -51,6 +53,20 @@ async def _readline(proc) -> str:
 async def _wait_gone(dom0, domid):
     while await dom0.domain_info(domid) is not None:
         await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _wakes_with_peer_closed(chan) -> AsyncIterator[None]:
+    """The block must wake a task blocked in ``chan.wait()`` with PeerClosedError."""
+
+    async def expect_peer_closed():
+        with pytest.raises(PeerClosedError):
+            await chan.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(expect_peer_closed)
+        await trio.testing.wait_all_tasks_blocked()
+        yield
 
 
 async def test_guest_process_memory_grants_evtchn_and_death(hypervisor_socket, spawn_guest):
@@ -95,13 +111,7 @@ async def test_guest_process_memory_grants_evtchn_and_death(hypervisor_socket, s
 
             # kill the guest: a blocked waiter wakes with PeerClosedError,
             # VIRQ_DOM_EXC fires, the domain stays dying while we map its page
-            async def expect_peer_closed():
-                with pytest.raises(PeerClosedError):
-                    await chan.wait()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(expect_peer_closed)
-                await trio.testing.wait_all_tasks_blocked()
+            async with _wakes_with_peer_closed(chan):
                 proc.kill()
                 await virq.wait()
             info = await dom0.domain_info(domid)
@@ -302,13 +312,7 @@ async def test_service_death_does_not_leave_waiters_hanging(tmp_path):
             async with open_hypervisor(path) as dom0:
                 chan = await dom0.alloc_unbound(0)
 
-                async def expect_peer_closed():
-                    with pytest.raises(PeerClosedError):
-                        await chan.wait()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(expect_peer_closed)
-                    await trio.testing.wait_all_tasks_blocked()
+                async with _wakes_with_peer_closed(chan):
                     proc.kill()
                 with pytest.raises(HypervisorError) as err:
                     await dom0.domain_info()
@@ -442,13 +446,7 @@ async def test_closing_a_port_wakes_the_peer_and_the_port_can_be_bound_again(hyp
                 chan = await guest.alloc_unbound(0)
                 backend = await dom0.bind_interdomain(domid, chan.port)
 
-                async def expect_peer_closed():
-                    with pytest.raises(PeerClosedError):
-                        await chan.wait()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(expect_peer_closed)
-                    await trio.testing.wait_all_tasks_blocked()
+                async with _wakes_with_peer_closed(chan):
                     await dom0.close_port(backend)
                 assert (await guest.port_status(chan.port))["state"] == 1  # unbound
                 chan.notify()  # dropped silently, as in Xen
