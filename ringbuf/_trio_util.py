@@ -1,4 +1,4 @@
-"""One trio idiom shared by every package of the project.
+"""Trio idioms shared by every package of the project.
 
 Since trio 0.25 nurseries always wrap what escapes them in exception
 groups.  A nursery that is an implementation detail -- the background
@@ -11,19 +11,24 @@ itself.  Failures of the background tasks still come out as a group,
 since they are several independent errors (or one the caller did not
 raise).
 
-It lives in ``ringbuf``, the bottom layer, because ``xenstore`` and
+:func:`serve_until_signalled` is the main loop of our daemons (the
+hypervisor service, the console daemon).
+
+They live in ``ringbuf``, the bottom layer, because ``xenstore`` and
 ``xenbus`` both build on ``ringbuf`` and it on neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
-__all__ = ["open_background_nursery"]
+__all__ = ["open_background_nursery", "serve_until_signalled"]
 
 
 @asynccontextmanager
@@ -74,3 +79,18 @@ def _reraise(exc: BaseException) -> NoReturn:
     finally:
         exc.__context__ = context
         del exc, context
+
+
+async def serve_until_signalled(serve: Callable[..., Awaitable[Any]], *args: Any, ready_fd: int | None = None) -> None:
+    """Start ``serve(*args)`` (a task that reports through ``task_status``),
+    then write ``b"1"`` to ``ready_fd`` and close it (the parent's readiness
+    pipe), and let it run until SIGTERM or SIGINT."""
+    async with open_background_nursery() as nursery:
+        await nursery.start(serve, *args)
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break

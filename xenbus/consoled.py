@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import BinaryIO
 
 import trio
 
-from ringbuf._trio_util import open_background_nursery
+from ringbuf._trio_util import open_background_nursery, serve_until_signalled
 
 from .backend_host import BackendHost
 from .console_backend import console_backend_factory
@@ -290,15 +289,7 @@ async def serve(args: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(socket_path)), exist_ok=True)
     async with open_hypervisor(args.hypervisor) as hv, xenstore.open_client(args.xenstore) as xs:
         daemon = ConsoleDaemon(xs, hv, args.log_dir, socket_path)
-        async with open_background_nursery() as nursery:
-            await nursery.start(daemon.run)
-            if args.ready_fd is not None:
-                os.write(args.ready_fd, b"1")
-                os.close(args.ready_fd)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+        await serve_until_signalled(daemon.run, ready_fd=args.ready_fd)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

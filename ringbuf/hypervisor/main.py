@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
-import signal
 import sys
 
 import trio
 
-from .._trio_util import open_background_nursery
+from .._trio_util import serve_until_signalled
 from .service import HypervisorService, ServiceLimits
 
 
@@ -31,15 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace) -> None:
     limits = ServiceLimits(dom0_pages=args.dom0_pages, dom0_grant_frames=args.grant_frames)
     service = HypervisorService(limits)
-    async with open_background_nursery() as nursery:
-        await nursery.start(service.serve, args.socket)
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b"1")
-            os.close(args.ready_fd)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    await serve_until_signalled(service.serve, args.socket, ready_fd=args.ready_fd)
 
 
 def _raise_fd_limit() -> None:
