@@ -444,7 +444,7 @@ async def test_hostile_frontend_gets_an_error_node_not_a_crash():
 
 
 async def test_frontend_gives_up_after_a_fatal_error():
-    store, grants = FakeStore(), Grants()
+    store = FakeStore()
     await create_device(store, VIF)
     front = NetFront.for_device(store, VIF)
     async with trio.open_nursery() as nursery:

@@ -20,7 +20,7 @@ import trio
 from ringbuf._trio_util import open_background_nursery
 
 from .journal import FsyncPolicy, JournalError, StateDir
-from .server import Listener, ServerConfig, XenstoreServer, default_socket_path, open_listener
+from .server import ServerConfig, XenstoreServer, default_socket_path, open_listener
 from .trace import Tracer
 
 __all__ = ["main", "build_parser", "limits_from_args", "restore_engine"]
