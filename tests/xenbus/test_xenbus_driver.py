@@ -210,11 +210,7 @@ async def test_block_handshake_connects_and_publishes_the_right_keys():
     front = BlkFront.for_device(store, VBD, grants=grants)
     back = BlkBack.for_device(store, VBD, grants=grants)
     async with trio.open_nursery() as nursery:
-        await Running(nursery, back).start()
-        await Running(nursery, front).start()
-        with trio.fail_after(TIMEOUT):
-            await front.wait_connected()
-            await back.wait_connected()
+        await start_connected(nursery, front, back)
         assert store.value(f"{VBD.frontend}/state") == "4"
         assert store.value(f"{VBD.backend}/state") == "4"
         assert back.mapped == front.ring_ref and front.ring_ref in grants.live
@@ -253,11 +249,7 @@ async def test_network_frontend_goes_straight_to_connected():
     await create_device(store, VIF, mac="00:16:3e:00:00:01")
     front, back = NetFront.for_device(store, VIF), NetBack.for_device(store, VIF)
     async with trio.open_nursery() as nursery:
-        await Running(nursery, back).start()
-        await Running(nursery, front).start()
-        with trio.fail_after(TIMEOUT):
-            await front.wait_connected()
-            await back.wait_connected()
+        await start_connected(nursery, front, back)
         fe_states = [v for p, v in store.writes if p == f"{VIF.frontend}/state"]
         assert fe_states == [b"1", b"4"]
         assert front.connected_calls == 1
@@ -265,14 +257,20 @@ async def test_network_frontend_goes_straight_to_connected():
         nursery.cancel_scope.cancel()
 
 
-async def connected_pair(nursery, store, grants, front_cls=BlkFront, back_cls=BlkBack):
-    front = front_cls.for_device(store, VBD, grants=grants)
-    back = back_cls.for_device(store, VBD, grants=grants)
+async def start_connected(nursery, front, back) -> tuple[Running, Running]:
+    """Start the backend, then the frontend; wait until both are connected."""
     back_task = await Running(nursery, back).start()
     front_task = await Running(nursery, front).start()
     with trio.fail_after(TIMEOUT):
         await front.wait_connected()
         await back.wait_connected()
+    return front_task, back_task
+
+
+async def connected_pair(nursery, store, grants, front_cls=BlkFront, back_cls=BlkBack):
+    front = front_cls.for_device(store, VBD, grants=grants)
+    back = back_cls.for_device(store, VBD, grants=grants)
+    front_task, back_task = await start_connected(nursery, front, back)
     return front, back, front_task, back_task
 
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from engine_store import EngineHub
-from test_xenbus_driver import BlkBack, BlkFront, Grants, Running, wait_for
+from test_xenbus_driver import BlkBack, BlkFront, Grants, Running, start_connected, wait_for
 from xenbus.driver import transact
 from xenbus.handshake import parse_error
 from xenbus.paths import DeviceId, domain_path, guest_home_perms, guest_writable_perms
@@ -50,11 +50,7 @@ async def test_guest_and_driver_domain_connect_through_the_engine():
     front = BlkFront.for_device(guest, DEV, grants=grants)
     back = BlkBack.for_device(driver_domain, DEV, grants=grants)
     async with trio.open_nursery() as nursery:
-        await Running(nursery, back).start()
-        await Running(nursery, front).start()
-        with trio.fail_after(TIMEOUT):
-            await front.wait_connected()
-            await back.wait_connected()
+        await start_connected(nursery, front, back)
         assert back.mapped == front.ring_ref
         assert await dom0.read(f"{DEV.frontend}/ring-ref") == str(front.ring_ref).encode()
         assert await dom0.read(f"{DEV.backend}/sectors") == b"2048"
