@@ -45,9 +45,9 @@ import trio
 
 import xenstore
 from ringbuf.hypervisor import open_hypervisor
+from xenbus.console_frontend import open_guest_console
 from xenbus.driver import Backend, Frontend
 from xenbus.paths import DeviceId
-from xenbus.console_frontend import open_guest_console
 from xenbus.start_info import ConsoleStart
 from xenbus.toolstack.config import DomainConfig
 from xenbus.toolstack.domains import create_domain, destroy_domain, write_device
