@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,8 +49,8 @@ from xenbus.paths import DeviceId
 from xenbus.start_info import ConsoleStart
 from xenbus.toolstack.config import DomainConfig
 from xenbus.toolstack.domains import create_domain, destroy_domain, write_device
+from xenbus.toolstack.localhost import LocalHost
 
-START_TIMEOUT = 15.0
 VALUE = b"v" * 16
 CHUNK = 4096  # what the console writer and the pipe writer hand over per call
 DEPTH = 32
@@ -217,58 +215,15 @@ def pipe_reader(path: str) -> None:
 # -- dom0: the host -----------------------------------------------------------
 
 
-class Daemons:
+def start_daemons() -> LocalHost:
     """Hypervisor service, xenstored and console daemon in a temp dir."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="uxb-", dir="/tmp")  # short: AF_UNIX path limit
-        self.hv_path = os.path.join(self.dir, "hv.sock")
-        self.xs_path = os.path.join(self.dir, "xs.sock")
-        self.log_dir = os.path.join(self.dir, "logs")
-        self.run_dir = os.path.join(self.dir, "run")
-        self.env = dict(os.environ, XENSTORED_PATH=self.xs_path, UXEN_HYPERVISOR_SOCKET=self.hv_path)
-        self.env.pop("UXEN_HYPERVISOR_FD", None)
-        self.procs: list[subprocess.Popen] = []
-        try:
-            self._start([sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", self.hv_path],
-                        self.hv_path, socket.SOCK_SEQPACKET)
-            self._start([sys.executable, "-m", "xenstore.daemon.main", "-N", "-I", "on", "--hypervisor", self.hv_path],
-                        self.xs_path)
-            con_path = os.path.join(self.dir, "con.sock")
-            self._start([sys.executable, "-m", "xenbus.consoled", "--log-dir", self.log_dir, "--socket", con_path],
-                        con_path)
-        except BaseException:
-            self.close()
-            raise
-
-    def _start(self, cmd: list[str], path: str, kind: int = socket.SOCK_STREAM) -> None:
-        err = open(os.path.join(self.dir, os.path.basename(path) + ".err"), "ab")
-        proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        err.close()
-        self.procs.append(proc)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}")
-            with socket.socket(socket.AF_UNIX, kind) as probe:
-                try:
-                    probe.connect(path)
-                    return
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"{cmd[2]} did not start") from None
-                    time.sleep(0.02)
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):  # consoled, xenstored, hypervisor
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    host = LocalHost(tempfile.mkdtemp(prefix="uxb-", dir="/tmp"))  # short: AF_UNIX path limit
+    try:
+        host.start()
+    except BaseException:
+        shutil.rmtree(host.dir, ignore_errors=True)
+        raise
+    return host
 
 
 async def wait_file_size(path: str, size: int, timeout: float) -> float:
@@ -313,7 +268,7 @@ def pipe_throughput(nbytes: int, path: str) -> float:
         proc.wait(10)
 
 
-async def host_main(args: argparse.Namespace, daemons: Daemons) -> dict[str, float]:
+async def host_main(args: argparse.Namespace, daemons: LocalHost) -> dict[str, float]:
     nbytes = args.console_bytes // CHUNK * CHUNK
     guest_cmd = [sys.executable, os.path.abspath(__file__), "--guest", "--reads", str(args.reads),
                  "--pipelined", str(args.pipelined), "--console-bytes", str(nbytes)]
@@ -389,11 +344,12 @@ def main() -> int:
     args.pipelined = args.pipelined or (20000 if args.quick else 100000)
     args.console_bytes = args.console_bytes or (8 if args.quick else 32) * 2**20
     args.handshakes = args.handshakes or (20 if args.quick else 100)
-    daemons = Daemons()
+    daemons = start_daemons()
     try:
         figures = trio.run(host_main, args, daemons)
     finally:
         daemons.close()
+        shutil.rmtree(daemons.dir, ignore_errors=True)
     print(f"guest (ring) vs dom0 (socket), same xenstored -I on; {args.reads} sequential, "
           f"{args.pipelined} pipelined READs of {len(VALUE)} bytes; {args.console_bytes} console bytes")
     print_table(figures)

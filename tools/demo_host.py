@@ -20,61 +20,22 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from xenbus.toolstack.localhost import LocalHost
+
 GUESTS = ("demo1", "demo2")
-START_TIMEOUT = 15.0
 
 
-class DemoHost:
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.hv_path = os.path.join(base, "hypervisor.sock")
-        self.xs_path = os.path.join(base, "xenstored.sock")
-        self.console_path = os.path.join(base, "consoled.sock")
-        self.log_dir = os.path.join(base, "console")
-        self.env = dict(
-            os.environ,
-            XENSTORED_PATH=self.xs_path,
-            UXEN_HYPERVISOR_SOCKET=self.hv_path,
-            UXEN_CONSOLED_SOCKET=self.console_path,
-            UXL_RUN_DIR=os.path.join(base, "run"),
-        )
-        self.env.pop("UXEN_HYPERVISOR_FD", None)
-        self.daemons: list[tuple[str, subprocess.Popen]] = []
-
-    # -- daemons ---------------------------------------------------------------
-    def _start(self, name: str, args: list[str], path: str, kind: int = socket.SOCK_STREAM) -> None:
-        err = open(os.path.join(self.base, f"{name}.log"), "ab")
-        proc = subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=err, stderr=err, start_new_session=True)  # Ctrl-C is ours to handle
-        err.close()
-        self.daemons.append((name, proc))
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}; see {self.base}/{name}.log")
-            probe = socket.socket(socket.AF_UNIX, kind)
-            try:
-                probe.connect(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start; see {self.base}/{name}.log") from None
-                time.sleep(0.02)
-            finally:
-                probe.close()
-        print(f"  started {name:<11} pid {proc.pid}")
-
+class DemoHost(LocalHost):
     def start(self) -> None:
-        print(f"userxen demo host in {self.base}")
-        self._start("hypervisor", ["ringbuf.hypervisor.main", "--socket", self.hv_path], self.hv_path, socket.SOCK_SEQPACKET)
-        self._start("xenstored", ["xenstore.daemon.main", "-N", "-I", "on", "--hypervisor", self.hv_path], self.xs_path)
-        self._start("consoled", ["xenbus.consoled", "--log-dir", self.log_dir, "--socket", self.console_path], self.console_path)
+        print(f"userxen demo host in {self.dir}")
+        super().start(new_session=True)  # Ctrl-C is ours to handle
+        for name, proc in self.procs.items():
+            print(f"  started {name:<11} pid {proc.pid}")
 
     # -- tools -----------------------------------------------------------------
     def run(self, *args: str, check: bool = True) -> str:
@@ -105,21 +66,13 @@ class DemoHost:
 
     # -- shutdown --------------------------------------------------------------
     def stop(self) -> None:
-        if any(name == "xenstored" and proc.poll() is None for name, proc in self.daemons):
+        if "xenstored" in self.procs and self.procs["xenstored"].poll() is None:
             for guest in GUESTS:
                 if self.uxl("domid", guest, check=False):  # still there
                     if self.uxl("shutdown", "-w", "-t", "5", guest, check=False) is None:
                         self.uxl("destroy", guest, check=False)  # it did not listen
-        for name, proc in reversed(self.daemons):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            print(f"  stopped {name:<11} (status {proc.returncode})")
-        self.daemons.clear()
+        for name, status in self.close().items():
+            print(f"  stopped {name:<11} (status {status})")
 
 
 def show(host: DemoHost) -> None:

@@ -8,32 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from xenbus.toolstack.localhost import LocalHost
 from xenstore import open_sync_client
 from xenstore.wire import XenStoreError
-
-START_TIMEOUT = 15.0
-
-
-def wait_socket(path: str, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET if what == "hypervisor" else socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            return
-        except OSError:
-            time.sleep(0.02)
-        finally:
-            probe.close()
-    raise RuntimeError(f"{what} did not start")
 
 
 def wait_until(predicate, what: str, timeout: float = 10.0):
@@ -55,50 +37,21 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-class Host:
+class Host(LocalHost):
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="uxh-", dir="/tmp")  # short: AF_UNIX path limit
-        self.hv_path = os.path.join(self.dir, "hv.sock")
-        self.xs_path = os.path.join(self.dir, "xs.sock")
-        self.console_path = os.path.join(self.dir, "con.sock")
-        self.log_dir = os.path.join(self.dir, "logs")
-        self.run_dir = os.path.join(self.dir, "run")
-        self.env = dict(
-            os.environ,
-            XENSTORED_PATH=self.xs_path,
-            UXEN_HYPERVISOR_SOCKET=self.hv_path,
-            UXEN_CONSOLED_SOCKET=self.console_path,
-            UXL_RUN_DIR=self.run_dir,
-        )
-        self.env.pop("UXEN_HYPERVISOR_FD", None)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._files = []
+        super().__init__(tempfile.mkdtemp(prefix="uxh-", dir="/tmp"))  # short: AF_UNIX path limit
         try:
-            self._start("hypervisor", [sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", self.hv_path], self.hv_path)
-            self._start("xenstored", [sys.executable, "-m", "xenstore.daemon.main", "-N", "-I", "on", "--hypervisor", self.hv_path], self.xs_path)
-            self.start_consoled()
+            self.start()
         except BaseException:
-            self.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
             raise
 
-    def _start(self, what: str, cmd: list[str], path: str) -> subprocess.Popen:
-        err = open(os.path.join(self.dir, f"{what}.err"), "ab")
-        self._files.append(err)
-        proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        self.procs[what] = proc
-        wait_socket(path, proc, what)
-        return proc
-
-    def start_consoled(self, *, via_uxl: bool = False) -> subprocess.Popen:
-        """``python -m xenbus.consoled``, or the same daemon as ``uxl consoled``."""
-        command = ["xenbus.toolstack.uxl", "consoled"] if via_uxl else ["xenbus.consoled"]
-        return self._start("consoled", [sys.executable, "-m", *command, "--log-dir", self.log_dir, "--socket", self.console_path, "-v"],
-                           self.console_path)
+    def start_consoled(self, *, via_uxl: bool = False, verbose: bool = True, new_session: bool = False) -> subprocess.Popen:
+        """The console daemon, verbose by default, as ``python -m xenbus.consoled`` or ``uxl consoled``."""
+        return super().start_consoled(via_uxl=via_uxl, verbose=verbose, new_session=new_session)
 
     def kill_consoled(self) -> None:
-        proc = self.procs.pop("consoled")
-        proc.kill()
-        proc.wait()
+        self.stop_daemon("consoled", kill=True)
 
     def uxl(self, *args: str, check: bool = True, timeout: float = 30.0, input: bytes | None = None) -> subprocess.CompletedProcess:
         result = subprocess.run([sys.executable, "-m", "xenbus.toolstack.uxl", *args], env=self.env, capture_output=True,
@@ -133,7 +86,7 @@ class Host:
                 return None
 
     def stderr(self, what: str) -> str:
-        with open(os.path.join(self.dir, f"{what}.err"), "rb") as f:
+        with open(self.log_path(what), "rb") as f:
             return f.read().decode(errors="replace")
 
     def kill_guests(self) -> None:
@@ -155,17 +108,5 @@ class Host:
     def close(self) -> None:
         if "xenstored" in self.procs and self.procs["xenstored"].poll() is None:
             self.kill_guests()
-        for what in ("consoled", "xenstored", "hypervisor"):
-            proc = self.procs.pop(what, None)
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        for f in self._files:
-            f.close()
+        super().close()
         shutil.rmtree(self.dir, ignore_errors=True)
