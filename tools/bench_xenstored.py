@@ -225,6 +225,8 @@ def run_suite(paths: list[str], args) -> list[tuple[str, list[float], list[float
     rows: list[tuple[str, list[float], list[float] | None]] = []
 
     def row(label: str, measure_one) -> None:
+        if args.only and not any(word in label for word in args.only):
+            return
         # Best of --repeat runs, the daemons taking turns: on a shared
         # machine the best run is the one least disturbed by others.
         # The daemon's CPU per op (the least of the runs) is the steadier
@@ -245,6 +247,10 @@ def run_suite(paths: list[str], args) -> list[tuple[str, list[float], list[float
                 label = f"{phase.upper():5} {conns} conn{'s' if conns > 1 else ' '} {'seq' if depth == 1 else 'pipe32'}"
                 nops = args.ops if depth == 1 else args.ops * 2
                 row(label, lambda path: measure(path, phase, conns, depth, nops, "p"))
+    if args.only:
+        for path in paths:
+            cleanup(path)
+        return rows
     row("WRITE 1 conn seq, 0 watches", lambda path: measure_watches(path, args.ops, 0))
     row(f"WRITE 1 conn seq, {args.watches // 1000}k watches", lambda path: measure_watches(path, args.ops, args.watches))
     memory = [measure_memory(path, args.nodes) for path in paths]
@@ -290,6 +296,7 @@ def main() -> int:
     p.add_argument("--ours-arg", action="append", default=[], help="extra flag for our daemon (repeatable)")
     p.add_argument("--repeat", type=int, default=3, help="report the best of N runs of each throughput measurement")
     p.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
+    p.add_argument("--only", action="append", default=[], metavar="TEXT", help="only the throughput rows whose label contains TEXT (repeatable; skips watches and memory)")
     args = p.parse_args()
     # SIGTERM cleans up like ^C: both daemons are stopped, temp files removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
