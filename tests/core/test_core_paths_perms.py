@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenstore.core.perms import FULL, READ, WRITE, Perms, parse_domid
-from xenstore.core.paths import ancestors, is_valid_path, parent_of, resolve, resolve_watch_path
+from xenstore.core.paths import ArgumentPaths, ancestors, is_valid_path, parent_of, resolve, resolve_watch_path
 from xenstore.wire import XenStoreError
 
 CHARS = "abcXYZ019-_@/ .\x00é"
@@ -142,3 +142,43 @@ def test_perms_helpers():
     for bad in ([], ["x1"], ["n"], ["n1", "r"]):
         with pytest.raises(XenStoreError):
             Perms.parse(bad)
+
+
+def _outcome(call):
+    try:
+        return call()
+    except XenStoreError as exc:
+        return exc.name
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=12).map(lambda b: b.replace(b"\xff", b"/")), st.sampled_from([3, 8, 2048])),
+        max_size=30,
+    )
+)
+def test_argument_paths_memo_answers_like_onearg_plus_resolve(calls):
+    """The memo never changes an answer: same path or same error as
+    cxenstored's onearg + resolve, also when path-max shrinks later and
+    when the memo starts afresh (capacity 4)."""
+    memo = ArgumentPaths(capacity=4)
+    home = "/local/domain/3"
+    for arg, path_max in calls:
+        for candidate in (arg, arg + b"\0", b"/" + arg + b"\0"):
+
+            def reference():
+                if not candidate or candidate.find(b"\0") != len(candidate) - 1:
+                    raise XenStoreError("EINVAL")
+                return resolve(candidate[:-1].decode("latin-1"), home, path_max)
+
+            assert _outcome(lambda: memo.resolve(candidate, home, path_max)) == _outcome(reference)
+
+
+def test_argument_paths_remembers_short_absolute_paths_only():
+    memo = ArgumentPaths()
+    assert memo.resolve(b"/a/b\0", "/local/domain/0", 2048) == "/a/b"
+    assert memo.resolve(b"rel\0", "/local/domain/5", 2048) == "/local/domain/5/rel"
+    long_arg = b"/" + b"x" * ArgumentPaths.MAX_KEY + b"\0"
+    assert memo.resolve(long_arg, "/local/domain/0", 4096) == long_arg[:-1].decode()
+    assert set(memo._known) == {b"/a/b\0"}

@@ -59,7 +59,7 @@ from .domains import (
     Released,
 )
 from .limits import WIRE_QUOTA_NAMES, Limits
-from .paths import ancestors, parent_of, resolve, resolve_watch_path
+from .paths import ArgumentPaths, ancestors, parent_of, resolve, resolve_watch_path
 from .perms import OWNER, READ, WRITE, Perms, parse_domid
 from .store import Change, Node, Overlay, Store, record_size
 from .transactions import Transaction, allocate_id
@@ -74,6 +74,7 @@ PRIV = 1  # privileged callers only (EACCES otherwise)
 NO_TX = 2  # tx_id is ignored entirely (WATCH, UNWATCH)
 
 _EINVAL = "EINVAL"
+_tuple_new = tuple.__new__
 
 
 def _err(name: str) -> XenStoreError:
@@ -148,6 +149,7 @@ class Engine:
         # Per-request scratch: deliveries queued before the reply / after it.
         self._out: list[Delivery] = []
         self._after: list[Delivery] = []
+        self._arg_paths = ArgumentPaths()
         self._dispatch: dict[int, tuple[Callable, int]] = {
             Op.CONTROL: (self._control, PRIV),
             Op.DIRECTORY: (self._directory, 0),
@@ -208,19 +210,21 @@ class Engine:
             if held is not None:
                 held.append(packet)
                 return []
-        entry = self._dispatch.get(packet.op)
+        op = packet[0]
+        entry = self._dispatch.get(op)
         if entry is None:
             return [(conn, packet.error_reply("ENOSYS"))]
         handler, flags = entry
         out = self._out = []
         try:
-            if flags and flags & PRIV and not conn.privileged:
-                raise _err("EACCES")
             tx = None
-            if packet.tx_id and not flags & NO_TX:
-                tx = conn.transactions.get(packet.tx_id)
-                if tx is None:
-                    raise _err("ENOENT")
+            if flags or packet[2]:
+                if flags & PRIV and not conn.privileged:
+                    raise _err("EACCES")
+                if packet[2] and not flags & NO_TX:
+                    tx = conn.transactions.get(packet[2])
+                    if tx is None:
+                        raise _err("ENOENT")
             payload = handler(conn, packet, tx)
             if len(payload) > PAYLOAD_MAX:
                 raise _err("E2BIG")
@@ -237,7 +241,7 @@ class Engine:
             out.append((conn, packet.error_reply("EIO")))
             self._after = []
             return out
-        out.append((conn, packet.reply(packet.op, payload)))
+        out.append((conn, _tuple_new(Packet, (op, packet[1], packet[2], payload))))  # packet.reply, inline
         if self._after:
             out += self._after
             self._after = []
@@ -358,6 +362,10 @@ class Engine:
     def _path(self, conn: Connection, raw: str) -> str:
         return resolve(raw, conn.home, self.limits.path_max)
 
+    def _node_arg(self, conn: Connection, arg: bytes) -> str:
+        """The node path named by ``arg``, one NUL-terminated string (``onearg``)."""
+        return self._arg_paths.resolve(arg, conn.home, self.limits.path_max)
+
     def _find(self, conn: Connection, layer: Store | Overlay, path: str, perm: int) -> Node | None:
         """cxenstored ``get_node``: the node if the caller has ``perm`` on it;
         ``None`` if it is missing and the nearest existing ancestor grants
@@ -432,7 +440,7 @@ class Engine:
     # XenStoreError.
 
     def _read(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        path = self._path(conn, _onearg(packet.payload))
+        path = self._node_arg(conn, packet[3])
         return self._get(conn, tx, path, READ).value
 
     def _write(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
@@ -440,10 +448,15 @@ class Engine:
         i = payload.find(b"\0")
         if i < 0:
             raise _err(_EINVAL)
-        path = self._path(conn, payload[:i].decode("latin-1"))
+        path = self._node_arg(conn, payload[: i + 1])
         value = payload[i + 1 :]
-        layer = self._layer(tx)
-        node = self._find(conn, layer, path, WRITE)
+        if tx is None:
+            layer = self.store
+            # dom0 outside a transaction (most writes): one lookup, as _find would do.
+            node = layer.nodes.get(path) if conn.privileged else self._find(conn, layer, path, WRITE)
+        else:
+            layer = tx.overlay
+            node = self._find(conn, layer, path, WRITE)
         if node is None:
             self._create(conn, layer, path, value)
         else:
@@ -452,7 +465,8 @@ class Engine:
                 if limit and record_size(len(value), node.perms, node.children) >= limit:
                     raise _err("ENOSPC")
             layer.put(path, value, node.perms)
-        self._fire(tx, path)
+        if tx is not None or self.watches.by_path:
+            self._fire(tx, path)
         return OK
 
     def _create(self, conn: Connection, layer, path: str, value: bytes) -> None:
@@ -476,7 +490,7 @@ class Engine:
         layer.put(path, value, perms)
 
     def _mkdir(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        path = self._path(conn, _onearg(packet.payload))
+        path = self._node_arg(conn, packet[3])
         layer = self._layer(tx)
         if self._find(conn, layer, path, WRITE) is None:
             self._create(conn, layer, path, b"")
@@ -484,7 +498,7 @@ class Engine:
         return OK
 
     def _rm(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        path = self._path(conn, _onearg(packet.payload))
+        path = self._node_arg(conn, packet[3])
         layer = self._layer(tx)
         node = self._find(conn, layer, path, WRITE)
         if node is None:
@@ -518,7 +532,7 @@ class Engine:
                 self._fire(tx, p, False, extra)
 
     def _directory(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        path = self._path(conn, _onearg(packet.payload))
+        path = self._node_arg(conn, packet[3])
         return self._get(conn, tx, path, READ).children_bytes()
 
     def _directory_part(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
@@ -549,7 +563,7 @@ class Engine:
         return gen + part
 
     def _get_perms(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        path = self._path(conn, _onearg(packet.payload))
+        path = self._node_arg(conn, packet[3])
         return self._get(conn, tx, path, READ).perms.wire
 
     def _set_perms(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:

@@ -30,6 +30,7 @@ __all__ = [
     "ancestors",
     "is_in_subtree",
     "LOCAL_DOMAIN",
+    "ArgumentPaths",
 ]
 
 LOCAL_DOMAIN = "/local/domain/"
@@ -73,6 +74,47 @@ def resolve(raw: str, home: str, path_max: int) -> str:
     if _VALID(raw) is None or (len(raw) > path_max and not _long_local_path_ok(raw, path_max)):
         raise XenStoreError("EINVAL")
     return raw
+
+
+class ArgumentPaths:
+    """``resolve`` for wire arguments, remembering absolute paths already
+    validated.
+
+    Clients name the same few paths over and over, and a dict lookup of the
+    raw argument costs a fraction of decoding and matching it.  Keys are the
+    argument bytes *with* their NUL terminator, so a key is exactly one
+    NUL-terminated string.  Only short absolute paths are kept, and at most
+    ``capacity`` of them (then the memo starts afresh): a peer sending
+    endless distinct paths costs at most ~1 MiB.  ``path_max`` may shrink at
+    run time, so a remembered path longer than the current one goes through
+    the full check again.
+    """
+
+    __slots__ = ("_known", "_capacity")
+
+    #: Longest argument remembered (bytes, NUL included).
+    MAX_KEY = 256
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._known: dict[bytes, str] = {}
+        self._capacity = capacity
+
+    def resolve(self, arg: bytes, home: str, path_max: int) -> str:
+        """The canonical path of ``arg``, which must be one NUL-terminated
+        string (cxenstored ``onearg``); ``EINVAL`` otherwise and as
+        :func:`resolve`."""
+        known = self._known
+        path = known.get(arg)
+        if path is not None and len(path) <= path_max:
+            return path
+        if not arg or arg.find(b"\0") != len(arg) - 1:
+            raise XenStoreError("EINVAL")
+        path = resolve(arg[:-1].decode("latin-1"), home, path_max)
+        if arg[:1] == b"/" and len(arg) <= self.MAX_KEY:
+            if len(known) >= self._capacity:
+                known.clear()
+            known[arg] = path
+        return path
 
 
 def resolve_watch_path(raw: str, home: str, path_max: int) -> tuple[str, bool]:

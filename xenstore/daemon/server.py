@@ -57,7 +57,7 @@ import trio
 
 from ringbuf._trio_util import open_background_nursery
 
-from ..wire import Op, Packet, PacketReader, ProtocolError
+from ..wire import HEADER, Op, Packet, PacketReader, ProtocolError
 from .journal import FsyncPolicy, JournalError, StateDir
 from .outqueue import OutputQueue
 from .trace import Tracer
@@ -67,6 +67,7 @@ __all__ = ["ServerConfig", "XenstoreServer", "Listener", "open_listener", "defau
 log = logging.getLogger("xenstored")
 
 _WATCH_EVENT = int(Op.WATCH_EVENT)
+_pack_header = HEADER.pack
 
 _wait_readable = trio.lowlevel.wait_readable
 _checkpoint = trio.lowlevel.checkpoint
@@ -460,6 +461,16 @@ class XenstoreServer:
             except Exception:  # an engine bug must not take the daemon down
                 log.exception("engine failed on %r", packet)
                 deliveries = [(conn, packet.error_reply("EIO"))]
+            if len(deliveries) == 1 and not tracer:
+                # The usual outcome: just the reply (the engine keeps replies
+                # within PAYLOAD_MAX), encoded here without Packet.encode's call.
+                target, out = deliveries[0]
+                if target is conn and out[0] != _WATCH_EVENT:
+                    payload = out[3]
+                    data = _pack_header(out[0], out[1], out[2], len(payload)) + payload
+                    replies.append(data)
+                    client.reply_bytes += len(data)
+                    continue
             for target, out in deliveries:
                 if target is not conn:
                     others.append((target, out))
