@@ -242,6 +242,18 @@ class PacketReader:
             self._pos = end
         return _tuple_new(Packet, (op, req_id, tx_id, buf[start:end]))
 
+    def whole_packet(self, data: bytes) -> Packet | None:
+        """``data`` as a packet if nothing is buffered and it is exactly one
+        well-formed packet (a client's usual chunk: one request, then a wait
+        for its reply); else ``None`` and nothing changes (``feed`` it).
+        One call instead of feed + next_packet + next_packet."""
+        if self._buf or len(data) < 16:
+            return None
+        op, req_id, tx_id, length = _unpack_header(data)
+        if length + 16 != len(data) or length > self._max:
+            return None
+        return _tuple_new(Packet, (op, req_id, tx_id, data[16:]))
+
     def __iter__(self):
         while (packet := self.next_packet()) is not None:
             yield packet

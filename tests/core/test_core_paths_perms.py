@@ -181,4 +181,4 @@ def test_argument_paths_remembers_short_absolute_paths_only():
     assert memo.resolve(b"rel\0", "/local/domain/5", 2048) == "/local/domain/5/rel"
     long_arg = b"/" + b"x" * ArgumentPaths.MAX_KEY + b"\0"
     assert memo.resolve(long_arg, "/local/domain/0", 4096) == long_arg[:-1].decode()
-    assert set(memo._known) == {b"/a/b\0"}
+    assert set(memo.known) == {b"/a/b\0"}

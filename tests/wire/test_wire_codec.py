@@ -136,6 +136,33 @@ def test_byte_at_a_time_equals_whole(stream, chunk_sizes):
     assert got == stream and chunked.buffered == 0
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(packets, max_size=3), st.binary(max_size=40), st.integers(0, 40))
+def test_whole_packet_is_feed_plus_next_packet_for_a_lone_packet(stream, garbage, cut):
+    """``whole_packet`` takes exactly the chunks that hold one complete,
+    well-formed packet and nothing else; otherwise it leaves the reader
+    alone and feeding the chunk gives what it always gave."""
+    wire = b"".join(p.encode() for p in stream) + garbage
+    for chunk, buffered in ((wire, b""), (wire[:cut], b""), (wire, b"\x02")):
+        reader = PacketReader()
+        if buffered:
+            reader.feed(buffered)
+        got = reader.whole_packet(chunk)
+        reference = PacketReader()
+        reference.feed(buffered + chunk)
+        try:
+            expected = list(reference)
+        except ProtocolError:
+            expected = None
+        lone = expected is not None and len(expected) == 1 and reference.buffered == 0
+        if lone:
+            assert got == expected[0]
+            assert reader.buffered == len(buffered) == 0
+        else:
+            assert got is None
+            assert reader.buffered == len(buffered)
+
+
 def test_partial_header_and_payload_wait():
     reader = PacketReader()
     wire = Packet(Op.WRITE, 1, 0, b"/a\0xyz").encode()

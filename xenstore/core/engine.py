@@ -75,6 +75,8 @@ NO_TX = 2  # tx_id is ignored entirely (WATCH, UNWATCH)
 
 _EINVAL = "EINVAL"
 _tuple_new = tuple.__new__
+_READ = int(Op.READ)
+_DIRECTORY = int(Op.DIRECTORY)
 
 
 def _err(name: str) -> XenStoreError:
@@ -138,7 +140,9 @@ class Engine:
         #: Requests answered EIO because of an engine bug (should stay 0).
         self.internal_errors = 0
         self.last_internal_error: Exception | None = None
-        self._effects: list = []
+        #: Effects not yet taken (read-only outside: the I/O layer checks it
+        #: is empty before paying for a take_effects() call).
+        self.pending_effects: list = []
         #: INTRODUCE of a new domain waits for :meth:`complete_introduce`
         #: (settable at run time: the I/O layer that maps rings turns it on).
         self.defer_introduce = defer_introduce
@@ -211,6 +215,17 @@ class Engine:
                 held.append(packet)
                 return []
         op = packet[0]
+        if (op == _READ or op == _DIRECTORY) and conn.privileged and not packet[2]:
+            # Most requests are dom0 reading a node outside a transaction:
+            # answered from a remembered path and one lookup; anything else
+            # (first sight of the path, a missing node...) goes the full way.
+            path = self._arg_paths.known.get(packet[3])
+            if path is not None and len(path) <= self.limits.path_max:
+                node = self.store.nodes.get(path)
+                if node is not None:
+                    value = node.value if op == _READ else node.children_bytes()
+                    if len(value) <= PAYLOAD_MAX:
+                        return [(conn, _tuple_new(Packet, (op, packet[1], 0, value)))]
         entry = self._dispatch.get(op)
         if entry is None:
             return [(conn, packet.error_reply("ENOSYS"))]
@@ -298,8 +313,8 @@ class Engine:
 
     def take_effects(self) -> list:
         """Side effects for the I/O layer (:class:`Introduced`, :class:`Released`)."""
-        effects = self._effects
-        self._effects = []
+        effects = self.pending_effects
+        self.pending_effects = []
         return effects
 
     def domain_died(self, domid: int) -> list[Delivery]:
@@ -727,9 +742,9 @@ class Engine:
             domain.introducing = True
             self._introductions[token] = _PendingIntroduce(conn, packet, domid, gfn, port, created)
             self._held[conn] = []
-            self._effects.append(Introduced(domid, gfn, port, token))
+            self.pending_effects.append(Introduced(domid, gfn, port, token))
             raise _Deferred
-        self._effects.append(Introduced(domid, gfn, port))
+        self.pending_effects.append(Introduced(domid, gfn, port))
         self._set_introduced(domain, gfn, port)
         return OK
 
@@ -787,7 +802,7 @@ class Engine:
         for c in self._conns.values():
             if c.target == domid:
                 c.target = None
-        self._effects.append(Released(domid))
+        self.pending_effects.append(Released(domid))
         out = self._out if release_out is None else release_out
         self.watches.fire_special("@releaseDomain", self.domains.release_perms, out)
 

@@ -90,20 +90,22 @@ class ArgumentPaths:
     the full check again.
     """
 
-    __slots__ = ("_known", "_capacity")
+    __slots__ = ("known", "_capacity")
 
     #: Longest argument remembered (bytes, NUL included).
     MAX_KEY = 256
 
     def __init__(self, capacity: int = 4096) -> None:
-        self._known: dict[bytes, str] = {}
+        #: argument -> path (read-only outside; callers checking a hit
+        #: themselves must also check the length against path_max).
+        self.known: dict[bytes, str] = {}
         self._capacity = capacity
 
     def resolve(self, arg: bytes, home: str, path_max: int) -> str:
         """The canonical path of ``arg``, which must be one NUL-terminated
         string (cxenstored ``onearg``); ``EINVAL`` otherwise and as
         :func:`resolve`."""
-        known = self._known
+        known = self.known
         path = known.get(arg)
         if path is not None and len(path) <= path_max:
             return path

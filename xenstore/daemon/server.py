@@ -188,6 +188,17 @@ class ServerConfig:
     linger: float = 0.05
 
 
+def _lone_reply(conn: Any, deliveries: list) -> bytes | None:
+    """The encoded reply if a request's whole output is its reply (the
+    usual; the engine keeps replies within PAYLOAD_MAX), else ``None``."""
+    if len(deliveries) == 1:
+        target, out = deliveries[0]
+        if target is conn and out[0] != _WATCH_EVENT:
+            payload = out[3]
+            return _pack_header(out[0], out[1], out[2], len(payload)) + payload
+    return None
+
+
 class _Client:
     """I/O state of one socket connection."""
 
@@ -266,6 +277,8 @@ class XenstoreServer:
         self.external_sink: Callable[[Any, Packet], None] | None = None
         self.effects_handler: Callable[[list], None] | None = None
         self._readers: dict[int, Callable[[], None]] = {}  # see add_reader
+        self._queue_high = self.config.queue_high
+        self._recv_size = self.config.recv_size
 
     # -- public ----------------------------------------------------------
 
@@ -415,7 +428,7 @@ class XenstoreServer:
 
     def _receive(self, client: _Client) -> None:
         try:
-            data = client.sock.recv(self.config.recv_size)
+            data = client.sock.recv(self._recv_size)
         except BlockingIOError:
             return
         except OSError:
@@ -423,37 +436,73 @@ class XenstoreServer:
         if not data:
             self._close(client)
             return
+        if not client.touched and not client.queue.size and not self.tracer:
+            packet = client.reader.whole_packet(data)
+            if packet is not None:
+                self._answer_lone_request(client, packet)
+                return
         client.reader.feed(data)
         self._process(client)
 
+    def _answer_lone_request(self, client: _Client, packet: Packet) -> None:
+        """The usual case, kept short: a client with nothing pending sent
+        one whole request.  If no change of this iteration waits for the
+        journal, its reply goes out at once; otherwise with the iteration's
+        output, as ``_process`` does it."""
+        conn = client.conn
+        try:
+            deliveries = self.engine.handle(conn, packet)
+        except Exception:  # an engine bug must not take the daemon down
+            log.exception("engine failed on %r", packet)
+            deliveries = [(conn, packet.error_reply("EIO"))]
+        data = _lone_reply(conn, deliveries)
+        engine = self.engine
+        if data is not None and not engine.store.journal and not engine.pending_effects:
+            try:
+                sent = client.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close(client)
+                return
+            if sent < len(data):
+                client.queue.push_replies(data[sent:])
+                self._update_interest(client)
+            return
+        client.touched = True
+        self._touched.append(client)
+        if data is None:
+            self._route(client, packet, deliveries)
+        else:
+            client.replies.append(data)
+            client.reply_bytes += len(data)
+
     def _process(self, client: _Client) -> None:
         """Run the client's complete requests through the engine (up to its limits)."""
-        conn = client.conn
-        queue = client.queue
-        reader = client.reader
-        handle = self.engine.handle
-        tracer = self.tracer
-        high = self.config.queue_high
-        privileged = conn.privileged
-        outstanding = 0 if privileged else self._outstanding_limit()
-        replies = client.replies
         if not client.touched:
             client.touched = True
             self._touched.append(client)
-        others = self._others
+        conn = client.conn
+        next_packet = client.reader.next_packet
+        handle = self.engine.handle
+        tracer = self.tracer
+        replies = client.replies
+        # Queue room before the high mark, and replies allowed (unprivileged).
+        room = self._queue_high - client.queue.size - client.reply_bytes
+        allowed = (self._outstanding_limit() - client.queue.replies - len(replies)) if not conn.privileged else -1
         while True:
-            if queue.size + client.reply_bytes >= high or (not privileged and queue.replies + len(replies) >= outstanding):
+            if room <= 0 or allowed == 0:
                 client.stalled = True
-                return
+                break
             try:
-                packet = reader.next_packet()
+                packet = next_packet()
             except ProtocolError as exc:  # len > 4096: answer what came before, then hang up
                 log.info("connection %d: %s; closing it", conn.id, exc)
                 self._close(client, flush_first=True)
                 return
             if packet is None:
                 client.stalled = False
-                return
+                break
             if tracer:
                 tracer.packet("IN", conn.id, packet)
             try:
@@ -461,42 +510,53 @@ class XenstoreServer:
             except Exception:  # an engine bug must not take the daemon down
                 log.exception("engine failed on %r", packet)
                 deliveries = [(conn, packet.error_reply("EIO"))]
-            if len(deliveries) == 1 and not tracer:
-                # The usual outcome: just the reply (the engine keeps replies
-                # within PAYLOAD_MAX), encoded here without Packet.encode's call.
-                target, out = deliveries[0]
-                if target is conn and out[0] != _WATCH_EVENT:
-                    payload = out[3]
-                    data = _pack_header(out[0], out[1], out[2], len(payload)) + payload
-                    replies.append(data)
-                    client.reply_bytes += len(data)
-                    continue
-            for target, out in deliveries:
-                if target is not conn:
-                    others.append((target, out))
-                    continue
-                if tracer:
-                    tracer.packet("OUT", conn.id, out)
-                try:
-                    data = out.encode()
-                except ValueError:  # over 4096 bytes
-                    if out.op == _WATCH_EVENT:
-                        continue  # dropped, as cxenstored does
-                    data = packet.error_reply("E2BIG").encode()
+            data = None if tracer else _lone_reply(conn, deliveries)
+            if data is not None:
+                replies.append(data)
+                room -= len(data)
+                allowed -= 1
+                continue
+            before = len(replies)
+            room -= self._route(client, packet, deliveries)
+            allowed -= len(replies) - before
+        client.reply_bytes = self._queue_high - client.queue.size - room
+
+    def _route(self, client: _Client, request: Packet, deliveries: list) -> int:
+        """Sort a request's output: replies and own events to the client's
+        iteration output, the rest to other connections.  Returns the bytes
+        added to the client's replies."""
+        conn = client.conn
+        tracer = self.tracer
+        replies = client.replies
+        added = 0
+        for target, out in deliveries:
+            if target is not conn:
+                self._others.append((target, out))
+                continue
+            if tracer:
+                tracer.packet("OUT", conn.id, out)
+            try:
+                data = out.encode()
+            except ValueError:  # over 4096 bytes
                 if out.op == _WATCH_EVENT:
-                    if client.own_events is None:
-                        client.own_events = []
-                    client.own_events.append((len(replies), data))
-                else:
-                    replies.append(data)
-                    client.reply_bytes += len(data)
+                    continue  # dropped, as cxenstored does
+                data = request.error_reply("E2BIG").encode()
+            if out.op == _WATCH_EVENT:
+                if client.own_events is None:
+                    client.own_events = []
+                client.own_events.append((len(replies), data))
+            else:
+                replies.append(data)
+                added += len(data)
+        return added
 
     def _finish_iteration(self) -> None:
         """Persist the iteration's changes, then queue and send its output."""
-        self._persist()
+        engine = self.engine
+        if engine.store.journal or engine.pending_effects:
+            self._persist()
         touched = self._touched
         self._touched = []
-        high = self.config.queue_high
         for client in touched:
             client.touched = False
             if client.closed:
@@ -506,7 +566,7 @@ class XenstoreServer:
             elif client.queue.size:
                 self._flush(client)
             if client.stalled and not client.throttled and not client.closed:
-                if self._must_wait(client, high):
+                if self._must_wait(client, self._queue_high):
                     client.throttled = True
                     self._update_interest(client)
                 else:
