@@ -409,3 +409,36 @@ def test_event_order_is_connection_then_registration_order(engine, dom0):
         (dom0, b"/w/x/y\0mid\0"),
         (other, b"/w/x/y\0o-deep\0"),
     ]
+
+
+# -- dom0's short way (remembered paths) ------------------------------------------
+
+
+def test_remembered_paths_answer_like_the_full_way(engine, dom0):
+    """Second sight of a path takes the engine's short way for dom0 READ,
+    DIRECTORY and WRITE; the answers, the change records and the checks must
+    be those of the first (full) way."""
+    first = [req(engine, dom0, Op.WRITE, b"/s/a|1"), req(engine, dom0, Op.READ, b"/s/a|"), req(engine, dom0, Op.DIRECTORY, b"/s|")]
+    engine.take_changes()
+    again = [req(engine, dom0, Op.WRITE, b"/s/a|1"), req(engine, dom0, Op.READ, b"/s/a|"), req(engine, dom0, Op.DIRECTORY, b"/s|")]
+    assert again == first == [[(dom0, Op.WRITE, b"OK\0")], [(dom0, Op.READ, b"1")], [(dom0, Op.DIRECTORY, b"a\0")]]
+    assert engine.take_changes() == [("set", "/s/a", b"1", ["n0"])]
+    generation = engine.store.nodes["/s/a"].generation
+    req(engine, dom0, Op.WRITE, b"/s/a|2")
+    assert engine.store.nodes["/s/a"].generation > generation
+    # A watch anywhere: the full way again, which fires it.
+    req(engine, dom0, Op.WATCH, b"/s|tok|")
+    assert events(req(engine, dom0, Op.WRITE, b"/s/a|3")) == [b"/s/a\0tok\0"]
+    # path-max shrinks at run time: a remembered path is checked again.
+    engine.limits.path_max = 3
+    assert req(engine, dom0, Op.READ, b"/s/a|") == [(dom0, Op.ERROR, b"EINVAL\0")]
+    assert req(engine, dom0, Op.DIRECTORY, b"/s/a|") == [(dom0, Op.ERROR, b"EINVAL\0")]
+    engine.limits.path_max = 2048
+    req(engine, dom0, Op.UNWATCH, b"/s|tok|")
+    assert req(engine, dom0, Op.WRITE, b"/s/a|4") == [(dom0, Op.WRITE, b"OK\0")]
+    engine.limits.path_max = 3
+    assert req(engine, dom0, Op.WRITE, b"/s/a|5") == [(dom0, Op.ERROR, b"EINVAL\0")]
+    # Removed since: ENOENT, as the full way says.
+    engine.limits.path_max = 2048
+    req(engine, dom0, Op.RM, b"/s/a|")
+    assert req(engine, dom0, Op.READ, b"/s/a|") == [(dom0, Op.ERROR, b"ENOENT\0")]
