@@ -691,13 +691,13 @@ class Engine:
         return b"%d\0" % tx_id
 
     def _transaction_end(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
-        arg = _onearg(packet.payload)
-        if arg not in ("T", "F"):
+        arg = packet[3]  # onearg "T" (commit) or "F" (abort)
+        if arg != b"T\0" and arg != b"F\0":
             raise _err(_EINVAL)
         if tx is None:
             raise _err("ENOENT")
         del conn.transactions[tx.id]
-        if arg == "F":
+        if arg == b"F\0":
             return OK
         overlay = tx.overlay
         if overlay.conflicts():
