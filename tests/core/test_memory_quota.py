@@ -274,6 +274,51 @@ def test_hard_quota_refusals_as_cxenstored(engine, dom0):
     assert_ledger_exact(engine)
 
 
+# Each scenario: setup requests, then one checked request; who: 0 = dom0, 5 = the guest.
+_SETUP = [(0, Op.WRITE, b"/local/domain/5/dir/leaf|v"), (0, Op.SET_PERMS, b"/local/domain/5/dir|n5|"),
+          (0, Op.WRITE, b"/d0|"), (0, Op.WRITE, b"/d0/kid|kv")]
+BOUNDARY = {
+    "guest creates a path": [(5, Op.WRITE, b"x/y/z|abc")],
+    "guest grows a value": [(5, Op.WRITE, b"dir|" + b"v" * 30)],
+    "guest adds permissions": [(5, Op.SET_PERMS, b"dir|n5|r0|r1|")],
+    "guest watches": [(5, Op.WATCH, b"dir|token|")],
+    "dom0 creates below a guest node": [(0, Op.WRITE, b"/local/domain/5/dir/new/deeper|xy")],
+    "dom0 gives a subtree root to the guest": [(0, Op.SET_PERMS, b"/d0|n5|r0|")],
+    "guest creates in a transaction": [(5, Op.TRANSACTION_START, b"|"), (5, Op.WRITE, b"dir/t/u|12", 1)],
+    "guest grows a value in a transaction": [(5, Op.TRANSACTION_START, b"|"), (5, Op.READ, b"dir|", 1), (5, Op.WRITE, b"dir|" + b"w" * 9, 1)],
+    "guest writes unread in a transaction": [(5, Op.TRANSACTION_START, b"|"), (5, Op.WRITE, b"dir/leaf|" + b"w" * 9, 1)],
+    "guest sets permissions in a transaction": [(5, Op.TRANSACTION_START, b"|"), (5, Op.SET_PERMS, b"dir/leaf|n5|r0|", 1)],
+}
+
+
+def _scenario(requests, hard: int):
+    engine = Engine(Limits(memory=0))
+    dom0 = engine.connect()
+    conns = {0: dom0, 5: guest(engine, dom0, 5)}
+    for who, op, payload in _SETUP:
+        ok(engine, conns[who], op, payload)
+    for who, op, payload, *tx in requests[:-1]:
+        ok(engine, conns[who], op, payload, *tx)
+    engine.limits.memory = hard
+    before = engine.memory.usage(5)
+    who, op, payload, *tx = requests[-1]
+    return call(engine, conns[who], op, payload, *tx), before, engine.memory.usage(5)
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDARY))
+def test_refusal_boundary_is_the_real_charge(name):
+    """The engine's prediction of a charge equals what the ledger books: with
+    the hard quota at exactly "usage after the request" the request is
+    refused (the limit is reached), one byte more and it passes."""
+    requests = BOUNDARY[name]
+    (rop, _), before, after = _scenario(requests, 0)
+    assert rop == requests[-1][1] and after > before
+    (rop, body), _, _ = _scenario(requests, after)
+    assert rop == Op.ERROR and body in (b"EIO\x00", b"ENOMEM\x00")
+    (rop, _), _, got = _scenario(requests, after + 1)
+    assert rop == requests[-1][1] and got == after
+
+
 def test_dom0_is_exempt(engine, dom0):
     ok(engine, dom0, Op.CONTROL, b"quota|set|memory|1|")
     ok(engine, dom0, Op.WRITE, b"/big|" + b"x" * 3000)
