@@ -26,7 +26,9 @@ nodes, watches and transactions go, and with them its whole charge.
 A charge that is checked (``domain_memory_add_chk``: writes and new nodes,
 new watches) is refused when the domain's total would *reach* the hard
 quota (``>=``); refunds and the copies a transaction takes while reading
-are never refused.  Only unprivileged domains are checked.  This module
+are never refused, nor is a commit.  Only unprivileged domains are
+checked -- the domain charged, whoever asks: dom0 writing a guest's node
+is refused when the guest is at its limit.  This module
 tracks the unprivileged domains (every domid but 0) incrementally; dom0 is
 exempt from the quota, so its figure is only computed on request
 (:func:`recompute`), which keeps dom0's requests free of accounting work.
@@ -38,7 +40,12 @@ them with the ``outstanding`` quota, so they are not accounted.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
+
+if TYPE_CHECKING:  # (memory.py is imported by store.py: no run-time import back)
+    from .connection import Connection
+    from .perms import Perms
+    from .store import Node
 
 __all__ = [
     "MemoryLedger",
@@ -70,8 +77,8 @@ def record_memory(path_len: int, value_len: int, nperms: int, childlen: int) -> 
     return RECORD_HEADER + PERM_ENTRY * nperms + value_len + childlen + path_len
 
 
-def node_memory(path: str, node) -> int:
-    """Memory charged for ``node`` (a :class:`~xenstore.core.store.Node`) at ``path``."""
+def node_memory(path: str, node: "Node") -> int:
+    """Memory charged for ``node`` at ``path`` (its record + key)."""
     return RECORD_HEADER + PERM_ENTRY * len(node.perms) + len(node.value) + children_len(node.children) + len(path)
 
 
@@ -168,14 +175,14 @@ class MemoryLedger:
 
     # -- node records of the live store (called by Store.put/delete) ---------
 
-    def node_created(self, path: str, value_len: int, perms, parent_owner: int, name: str) -> None:
+    def node_created(self, path: str, value_len: int, perms: "Perms", parent_owner: int, name: str) -> None:
         """A new leaf ``path`` and its parent's longer child list."""
         if perms.owner:
             self.add(perms.owner, RECORD_HEADER + PERM_ENTRY * len(perms) + value_len + len(path))
         if parent_owner:
             self.add(parent_owner, len(name) + 1)
 
-    def node_updated(self, path: str, node, value_len: int, perms) -> None:
+    def node_updated(self, path: str, node: "Node", value_len: int, perms: "Perms") -> None:
         """``node`` (still unchanged) gets a new value and permissions."""
         old = node.perms
         if old.owner == perms.owner:
@@ -187,7 +194,7 @@ class MemoryLedger:
         if perms.owner:
             self.add(perms.owner, size + value_len - len(node.value) + PERM_ENTRY * (len(perms) - len(old)))
 
-    def node_removed(self, path: str, node) -> None:
+    def node_removed(self, path: str, node: "Node") -> None:
         """``node`` is deleted (its children are deleted too, separately)."""
         self.add(node.perms.owner, -node_memory(path, node))
 
@@ -217,7 +224,7 @@ class MemoryLedger:
             self.notify(notice)
 
 
-def recompute(nodes: Mapping[str, object], connections: Iterable) -> dict[int, int]:
+def recompute(nodes: Mapping[str, "Node"], connections: Iterable["Connection"]) -> dict[int, int]:
     """Every domain's memory (dom0 included) computed from scratch: the
     nodes each owns, the watches and open transactions of its connections.
     The reference the incremental ledger must always agree with."""
