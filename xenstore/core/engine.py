@@ -487,7 +487,7 @@ class Engine:
                 limit = self.quota("node-size", conn.domid)
                 if limit and record_size(len(value), node.perms, node.children) >= limit:
                     raise _err("ENOSPC")
-            if tx is not None or node.perms.owner:  # memory quota (dom0 is exempt)
+            if node.perms.owner if tx is None else layer.charge_to:  # memory quota (dom0 is exempt)
                 self._check_memory(layer, node.perms.owner, len(value) - len(node.value))
             layer.put(path, value, node.perms)
         self._fire(tx, path)
@@ -509,7 +509,7 @@ class Engine:
             perms = perms.with_owner(conn.domid)
             first = missing[-1]
             self._check_create(conn, layer, top, first[first.rfind("/") + 1 :], len(missing), len(value), perms)
-        if perms.owner or top.perms.owner or layer is not self.store:  # memory quota (dom0 is exempt)
+        if (perms.owner or top.perms.owner) if layer is self.store else layer.charge_to:  # memory quota (dom0 is exempt)
             records, grown = creation_memory(missing, len(value), len(perms))
             if layer is not self.store:
                 self._check_memory(layer, 0, records + len(missing) * layer.tag + grown)
@@ -632,7 +632,7 @@ class Engine:
             limit = self.quota("node-size", conn.domid)
             if limit and record_size(len(node.value), perms, node.children) >= limit:
                 raise _err("ENOSPC")
-        if tx is not None or perms.owner:  # memory quota: the (new) owner pays; dom0 is exempt
+        if perms.owner if tx is None else layer.charge_to:  # memory quota: the (new) owner pays; dom0 is exempt
             grown = PERM_ENTRY * (len(perms) - len(old))
             if perms.owner != old.owner and layer is self.store:
                 grown = node_memory(path, node) + grown
