@@ -347,7 +347,7 @@ SCENARIOS: dict[str, list[tuple]] = {
             Op.CONTROL,
             b"quota|5|",
             b"Domain 5:\nnodes           :        1\nwatches         :        0\ntransactions    :        0\n"
-            b"outstanding     :        0\nmemory          :        0\n|",
+            b"outstanding     :        0\nmemory          :       47\n|",  # /local/domain/5: 24+8+15 (cxenstored)
         ),
         (0, 0, Op.CONTROL, b"quota-soft|", b"Quota settings:\nmemory           :  2097152 Total Xenstore memory per domain (warning level)\n|"),
         (0, 0, Op.CONTROL, b"quota-soft|set|memory|100|", OK),

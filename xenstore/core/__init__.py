@@ -6,8 +6,9 @@ from .domains import Introduced as Introduced
 from .domains import Released as Released
 from .engine import Engine as Engine
 from .limits import Limits as Limits
+from .memory import MemoryQuotaNotice as MemoryQuotaNotice
 from .perms import Perms as Perms
 from .store import Node as Node
 from .store import Store as Store
 
-__all__ = ["Connection", "Engine", "Introduced", "Limits", "Node", "Perms", "Released", "Store"]
+__all__ = ["Connection", "Engine", "Introduced", "Limits", "MemoryQuotaNotice", "Node", "Perms", "Released", "Store"]

@@ -37,10 +37,19 @@ Beyond XENSTORE_API.md the engine offers ``domain_shutdown(domid)``
 ``domains`` (the DomainTable), ``features``, ``control_state`` (what
 CONTROL log/logfile/memreport asked for) and ``internal_errors``.
 
+Per-domain memory (the ``memory`` quota, rules in memory.py) is accounted
+like cxenstored 4.17 for nodes, watches and transactions; a charge that
+would bring an unprivileged domain to its hard limit is refused (EIO for
+node writes, ENOMEM for WATCH, as cxenstored answers); crossing the soft
+or hard level yields a ``MemoryQuotaNotice`` effect.
+
 Deliberate differences from cxenstored 4.17: quotas are checked with ">="
 (no off-by-one); ACL entries of since-recreated domains are not ignored
-(no per-domain generation); per-domain memory is not accounted (the daemon
-owns the queues); GET/SET_FEATURE and GET/SET_QUOTA follow 4.21/4.22.
+(no per-domain generation); queued replies and watch events are not
+charged to the memory quota (the daemon owns the queues and bounds them
+with ``outstanding``), so a domain at its limit is not stalled and still
+gets large replies and its events; GET/SET_FEATURE and GET/SET_QUOTA
+follow 4.21/4.22.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from .domains import (
     Released,
 )
 from .limits import WIRE_QUOTA_NAMES, Limits
+from .memory import PERM_ENTRY, creation_memory, node_memory, recompute, watch_memory
 from .paths import ArgumentPaths, ancestors, parent_of, resolve, resolve_watch_path
 from .perms import OWNER, READ, WRITE, Perms, parse_domid
 from .store import Change, Node, Overlay, Store, record_size
@@ -133,7 +143,12 @@ class Engine:
         self.limits = limits if limits is not None else Limits()
         self.store = store if store is not None else Store()
         self.domains = DomainTable(domain_exists)
-        self.watches = WatchRegistry()
+        #: Per-domain memory (memory.py): the store's ledger, which the watch
+        #: registry and the transactions charge too.
+        self.memory = self.store.memory
+        self.memory.quota = self._memory_levels
+        self.memory.notify = lambda notice: self.pending_effects.append(notice)
+        self.watches = WatchRegistry(self.memory)
         self.control_state = ControlState()
         self.features = features
         self._conns: dict[int, Connection] = {}
@@ -266,8 +281,8 @@ class Engine:
         return out
 
     def _dom0_write(self, payload: bytes) -> bytes | None:
-        """A privileged WRITE outside a transaction to an existing node whose
-        path was seen before, with no watch anywhere: done, ``OK``.
+        """A privileged WRITE outside a transaction to an existing dom0-owned
+        node whose path was seen before, with no watch anywhere: done, ``OK``.
         Otherwise ``None`` and nothing changed (take the full way)."""
         i = payload.find(b"\0")
         if i < 0 or self.watches.by_path:
@@ -276,7 +291,7 @@ class Engine:
         if path is None or len(path) > self.limits.path_max:
             return None
         node = self.store.nodes.get(path)
-        if node is None:
+        if node is None or node.perms.owner:  # (a guest's node: its memory quota has a say)
             return None
         self.store.set_value(path, node, payload[i + 1 :])
         return OK
@@ -369,14 +384,19 @@ class Engine:
 
     def domain_usage(self, domid: int) -> dict[str, int]:
         """Per-domain resource counts (``xenstore-control quota <domid>``).
-        ``outstanding``/``memory`` are the daemon's, reported as 0 here."""
+        ``outstanding`` is the daemon's, reported as 0 here.  ``memory`` of
+        dom0 (not tracked: exempt) is computed from scratch."""
         conns = [c for c in self._conns.values() if c.domid == domid]
+        if domid:
+            memory = self.memory.usage(domid)
+        else:
+            memory = recompute({p: n for p, n in self.store.nodes.items() if not n.perms.owner}, conns).get(0, 0)
         return {
             "nodes": self.store.owner_counts.get(domid, 0),
             "watches": sum(len(c.watches) for c in conns),
             "transactions": sum(len(c.transactions) for c in conns),
             "outstanding": 0,
-            "memory": 0,
+            "memory": memory,
         }
 
     def quota(self, name: str, domid: int, soft: bool = False) -> int:
@@ -387,6 +407,13 @@ class Engine:
             if value is not None:
                 return value
         return self.limits.get(name, soft)
+
+    def _memory_levels(self, domid: int) -> tuple[int, int]:
+        """(hard, soft) memory quota of a domain, for the ledger's reports."""
+        domain = self.domains.get(domid)
+        if domain is not None and domain.quotas:
+            return self.quota("memory", domid), self.quota("memory", domid, True)
+        return self.limits.memory, self.limits.memory_soft
 
     # --------------------------------------------------------- node lookup
 
@@ -469,6 +496,15 @@ class Engine:
         ):
             raise _err("ENOSPC")
 
+    def _check_memory(self, layer, domid: int, delta: int, error: str = "EIO") -> None:
+        """Memory quota (memory.py, cxenstored domain_memory_add_chk): refuse
+        a charge that would bring an unprivileged domain to its hard limit.
+        In a transaction the transaction's domain pays for its records."""
+        if layer is not self.store:
+            domid = layer.charge_to
+        if domid and self.memory.exceeds(domid, delta, self._memory_levels(domid)[0]):
+            raise _err(error)
+
     # ------------------------------------------------------------ handlers
     # Each takes (conn, packet, tx) and returns the reply payload or raises
     # XenStoreError.
@@ -498,6 +534,8 @@ class Engine:
                 limit = self.quota("node-size", conn.domid)
                 if limit and record_size(len(value), node.perms, node.children) >= limit:
                     raise _err("ENOSPC")
+            if node.perms.owner if tx is None else layer.charge_to:  # memory quota (dom0 is exempt)
+                self._check_memory(layer, node.perms.owner, len(value) - len(node.value))
             layer.put(path, value, node.perms)
         if tx is not None or self.watches.by_path:
             self._fire(tx, path)
@@ -519,6 +557,15 @@ class Engine:
             perms = perms.with_owner(conn.domid)
             first = missing[-1]
             self._check_create(conn, layer, top, first[first.rfind("/") + 1 :], len(missing), len(value), perms)
+        if (perms.owner or top.perms.owner) if layer is self.store else layer.charge_to:  # memory quota (dom0 is exempt)
+            records, grown = creation_memory(missing, len(value), len(perms))
+            if layer is not self.store:
+                self._check_memory(layer, 0, records + len(missing) * layer.tag + grown)
+            elif perms.owner == top.perms.owner:
+                self._check_memory(layer, perms.owner, records + grown)
+            else:
+                self._check_memory(layer, perms.owner, records)
+                self._check_memory(layer, top.perms.owner, grown)
         for p in reversed(missing[1:]):
             layer.put(p, b"", perms)
         layer.put(path, value, perms)
@@ -633,6 +680,11 @@ class Engine:
             limit = self.quota("node-size", conn.domid)
             if limit and record_size(len(node.value), perms, node.children) >= limit:
                 raise _err("ENOSPC")
+        if perms.owner if tx is None else layer.charge_to:  # memory quota: the (new) owner pays; dom0 is exempt
+            grown = PERM_ENTRY * (len(perms) - len(old))
+            if perms.owner != old.owner and layer is self.store:
+                grown = node_memory(path, node) + grown
+            self._check_memory(layer, perms.owner, grown)
         layer.put(path, node.value, perms)
         self._fire(tx, path, False, (old,))
         return OK
@@ -650,6 +702,8 @@ class Engine:
             limit = self.quota("watches", conn.domid)
             if limit and self.domain_usage(conn.domid)["watches"] >= limit:
                 raise _err("E2BIG")  # cxenstored 4.17 (newer: ENOSPC)
+        if conn.domid:  # memory quota
+            self._check_memory(self.store, conn.domid, watch_memory(path, token), "ENOMEM")
         watch = self.watches.add(conn, path, token, relative)
         event = watch.event(path)
         if event is not None:
@@ -675,6 +729,8 @@ class Engine:
 
     def _reset_connection(self, conn: Connection) -> None:
         self.watches.remove_all(conn)
+        for tx in conn.transactions.values():
+            tx.close()  # memory quota
         conn.transactions.clear()
 
     def _transaction_start(self, conn: Connection, packet: Packet, tx: Transaction | None) -> bytes:
@@ -697,6 +753,7 @@ class Engine:
         if tx is None:
             raise _err("ENOENT")
         del conn.transactions[tx.id]
+        tx.close()  # memory quota: its records go; a commit charges the owners
         if arg == b"F\0":
             return OK
         overlay = tx.overlay

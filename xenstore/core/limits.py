@@ -10,8 +10,13 @@ in Xen).  A value of 0 disables a check.  Counting quotas are checked as
 ``quota`` watches/transactions/nodes; cxenstored 4.17 checks ``>`` and lets
 one more through (documented off-by-one we deliberately do not copy).
 
-``outstanding`` and ``memory`` are enforced by the daemon's per-connection
-queues; the engine only carries the values.
+``outstanding`` is enforced by the daemon's per-connection queues; the
+engine only carries the value.  ``memory`` (hard) and its soft level are
+the engine's: memory.py accounts every unprivileged domain's nodes, watches
+and transactions as cxenstored 4.17 does; a charge that would bring such
+a domain to the hard value is refused -- whoever asks: dom0 writing a node
+a guest owns charges the guest -- while crossing the soft value is only
+reported (``MemoryQuotaNotice`` effect).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
 
 from ..wire import XenStoreError
+from .memory import PERM_ENTRY, MemoryLedger, node_memory, transaction_tag
 from .perms import Perms
 
 __all__ = ["Node", "Store", "Overlay", "Change", "record_size"]
@@ -84,7 +85,7 @@ class Store:
     """The live tree.  ``journal`` collects change records of every mutation
     until the owner (the engine) takes them."""
 
-    __slots__ = ("nodes", "generation", "journal", "owner_counts", "_perms_cache")
+    __slots__ = ("nodes", "generation", "journal", "owner_counts", "memory", "_perms_cache")
 
     def __init__(self, *, initial: bool = True) -> None:
         self.nodes: dict[str, Node] = {"/": Node(b"", _ROOT_PERMS, {}, 0)}
@@ -92,6 +93,10 @@ class Store:
         self.journal: list[Change] = []
         #: Nodes owned per domid (entry 0 of the perms): the ``nodes`` quota.
         self.owner_counts: dict[int, int] = {0: 1}
+        #: Bytes per unprivileged domain: the ``memory`` quota (memory.py).
+        #: The store posts its node records; the engine adds watches and
+        #: transactions to the same ledger.
+        self.memory = MemoryLedger()
         self._perms_cache: dict[tuple[str, ...], Perms] = {}
         if initial:
             # cxenstored setup_structure(); journaled like any change so that a
@@ -119,12 +124,16 @@ class Store:
             parent.generation = gen
             self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             counts[perms.owner] = counts.get(perms.owner, 0) + 1
+            if perms.owner or parent.perms.owner:  # memory quota: dom0 is not tracked
+                self.memory.node_created(path, len(value), perms, parent.perms.owner, name)
             created = True
         else:
             old_owner = node.perms.owner
             if old_owner != perms.owner:
                 counts[old_owner] -= 1
                 counts[perms.owner] = counts.get(perms.owner, 0) + 1
+            if old_owner or perms.owner:  # memory quota: dom0 is not tracked
+                self.memory.node_updated(path, node, len(value), perms)
             node.value = value
             node.perms = perms
             node.generation = gen
@@ -135,6 +144,8 @@ class Store:
     def set_value(self, path: str, node: Node, value: bytes) -> None:
         """``put`` of a new value into the existing ``node`` at ``path``,
         keeping its permissions (the common write, with less to do)."""
+        if node.perms.owner:  # memory quota: dom0 is not tracked
+            self.memory.node_updated(path, node, len(value), node.perms)
         node.value = value
         node.generation = self.generation = self.generation + 1
         self.journal.append(("set", path, value, list(node.perms.strings)))
@@ -147,12 +158,17 @@ class Store:
         removed = list(self.iter_subtree_postorder(path))
         nodes = self.nodes
         counts = self.owner_counts
+        memory = self.memory
         for p, n in removed:
             del nodes[p]
             counts[n.perms.owner] -= 1
+            if n.perms.owner:  # memory quota: dom0 is not tracked
+                memory.node_removed(p, n)
         parent_path, name = _split(path)
         parent = nodes[parent_path]
         del parent.children[name]
+        if parent.perms.owner:
+            memory.add(parent.perms.owner, -len(name) - 1)
         parent.listing = None
         parent.generation = self.generation = self.generation + 1
         self.journal.append(("rm", path))
@@ -248,9 +264,9 @@ class Overlay:
     mixing old and new state; it can never commit.
     """
 
-    __slots__ = ("live", "nodes", "seen", "ops", "owner_delta", "max_seen")
+    __slots__ = ("live", "nodes", "seen", "ops", "owner_delta", "max_seen", "charge_to", "memory", "tag")
 
-    def __init__(self, live: Store, max_seen: int = 0) -> None:
+    def __init__(self, live: Store, max_seen: int = 0, charge_to: int = 0) -> None:
         self.live = live
         self.nodes: dict[str, Node | None] = {}
         self.seen: dict[str, int | None] = {}
@@ -258,6 +274,12 @@ class Overlay:
         self.owner_delta: dict[int, int] = {}
         #: transaction-nodes quota (0 = unlimited); ENOSPC when exceeded.
         self.max_seen = max_seen
+        #: Memory quota (memory.py): the domain charged for this view's node
+        #: copies (cxenstored's transaction records; 0 = dom0, not tracked),
+        #: the bytes charged so far, and each copy's extra key bytes.
+        self.charge_to = charge_to
+        self.memory = 0
+        self.tag = transaction_tag(live.generation)
 
     def get(self, path: str) -> Node | None:
         nodes = self.nodes
@@ -275,6 +297,8 @@ class Overlay:
             else:
                 seen[path] = node.generation
                 node = nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
+                if self.charge_to:  # memory quota: the copy is charged, unchecked
+                    self._charge(node_memory(path, node) + self.tag)
         return node
 
     def _own(self, path: str, node: Node | None) -> Node:
@@ -287,6 +311,8 @@ class Overlay:
         mine = self.nodes.get(path)
         if mine is None:
             mine = self.nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
+            if self.charge_to:  # memory quota
+                self._charge(node_memory(path, mine) + self.tag)
         return mine
 
     def put(self, path: str, value: bytes, perms: Perms) -> bool:
@@ -296,17 +322,23 @@ class Overlay:
         if node is None:
             parent_path, name = _split(path)
             parent = self._own(parent_path, self.get(parent_path))
+            if self.charge_to and name not in parent.children:  # memory quota: a longer child list
+                self._charge(len(name) + 1)
             parent.children[name] = None
             parent.listing = None
             parent.generation = gen
             self.nodes[path] = Node(value, perms, {}, gen)
             delta[perms.owner] = delta.get(perms.owner, 0) + 1
+            if self.charge_to:  # memory quota: the new record
+                self._charge(node_memory(path, self.nodes[path]) + self.tag)
             created = True
         else:
             if node.perms.owner != perms.owner:
                 delta[node.perms.owner] = delta.get(node.perms.owner, 0) - 1
                 delta[perms.owner] = delta.get(perms.owner, 0) + 1
             node = self._own(path, node)
+            if self.charge_to:  # memory quota
+                self._charge(len(value) - len(node.value) + PERM_ENTRY * (len(perms) - len(node.perms)))
             node.value = value
             node.perms = perms
             node.generation = gen
@@ -322,6 +354,10 @@ class Overlay:
         for p, n in removed:
             self.nodes[p] = None
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
+            if self.charge_to:  # memory quota: the copy goes
+                self._charge(-node_memory(p, n) - self.tag)
+        if self.charge_to and name in parent.children:
+            self._charge(-len(name) - 1)
         parent.children.pop(name, None)  # absent only if the live tree moved under us
         parent.listing = None
         parent.generation = self.live.generation = self.live.generation + 1
@@ -349,6 +385,17 @@ class Overlay:
 
     def owner_count(self, domid: int) -> int:
         return self.live.owner_counts.get(domid, 0) + self.owner_delta.get(domid, 0)
+
+    def _charge(self, delta: int) -> None:
+        self.memory += delta
+        self.live.memory.add(self.charge_to, delta)
+
+    def release(self) -> None:
+        """The transaction ended (committed, failed or dropped): give its
+        records' memory back.  Idempotent."""
+        if self.memory:
+            self.live.memory.add(self.charge_to, -self.memory)
+            self.memory = 0
 
     def conflicts(self) -> bool:
         """True if committing now would break isolation (-> EAGAIN)."""

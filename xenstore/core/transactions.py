@@ -23,9 +23,14 @@ class Transaction:
     def __init__(self, tx_id: int, conn: Connection, store: Store, max_nodes: int) -> None:
         self.id = tx_id
         self.conn = conn
-        self.overlay = Overlay(store, max_nodes)
+        #: Its node copies are charged to the connection's domain (memory quota).
+        self.overlay = Overlay(store, max_nodes, conn.domid)
         #: Deferred watch firings: (path, exact, extra perms visible at the time).
         self.firings: list[tuple[str, bool, tuple[Perms, ...]]] = []
+
+    def close(self) -> None:
+        """The transaction ended or was dropped: release its memory charge."""
+        self.overlay.release()
 
 
 def allocate_id(conn: Connection) -> int:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from ..wire import PAYLOAD_MAX, Op, Packet
 from .connection import Connection
+from .memory import MemoryLedger, watch_memory
 from .perms import READ, Perms
 
 __all__ = ["Watch", "WatchRegistry"]
@@ -54,14 +55,16 @@ class Watch:
 class WatchRegistry:
     """All watches of all connections, by resolved path."""
 
-    __slots__ = ("by_path", "_count", "_seq")
+    __slots__ = ("by_path", "_count", "_seq", "memory")
 
-    def __init__(self) -> None:
+    def __init__(self, memory: MemoryLedger | None = None) -> None:
         #: resolved path -> watches on it (read-only outside this class; an
         #: empty dict means "nothing to fire", checked on the hot path).
         self.by_path: dict[str, list[Watch]] = {}
         self._count = 0
         self._seq = 0
+        #: Memory quota: each watch is charged to its connection's domain.
+        self.memory = memory
 
     def __len__(self) -> int:
         return self._count
@@ -73,6 +76,8 @@ class WatchRegistry:
         self.by_path.setdefault(path, []).append(watch)
         conn.watches[(path, token)] = watch
         self._count += 1
+        if conn.domid and self.memory is not None:  # memory quota: dom0 is not tracked
+            self.memory.add(conn.domid, watch_memory(path, token))
         return watch
 
     def remove(self, watch: Watch) -> None:
@@ -84,6 +89,8 @@ class WatchRegistry:
             del self.by_path[watch.path]
         watch.conn.watches.pop((watch.path, watch.token), None)
         self._count -= 1
+        if watch.conn.domid and self.memory is not None:  # memory quota
+            self.memory.add(watch.conn.domid, -watch_memory(watch.path, watch.token))
 
     def remove_all(self, conn: Connection) -> None:
         for watch in list(conn.watches.values()):

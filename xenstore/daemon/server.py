@@ -57,6 +57,7 @@ import trio
 
 from ringbuf._trio_util import open_background_nursery
 
+from ..core.memory import MemoryQuotaNotice
 from ..wire import HEADER, Op, Packet, PacketReader, ProtocolError
 from .journal import FsyncPolicy, JournalError, StateDir
 from .outqueue import OutputQueue
@@ -763,6 +764,9 @@ class XenstoreServer:
         changes = engine.take_changes()
         effects = engine.take_effects()
         if effects:
+            for item in effects:
+                if isinstance(item, MemoryQuotaNotice):  # cxenstored's syslog lines
+                    log.warning("%s", item.message)
             if self.effects_handler is not None:
                 self._linger_until = None  # (it may wake tasks)
                 self.effects_handler(effects)
