@@ -264,7 +264,7 @@ class Overlay:
     mixing old and new state; it can never commit.
     """
 
-    __slots__ = ("live", "nodes", "seen", "ops", "owner_delta", "max_seen", "charge_to", "memory", "tag")
+    __slots__ = ("live", "nodes", "seen", "ops", "owner_delta", "max_seen", "charge_to", "memory", "started")
 
     def __init__(self, live: Store, max_seen: int = 0, charge_to: int = 0) -> None:
         self.live = live
@@ -276,10 +276,16 @@ class Overlay:
         self.max_seen = max_seen
         #: Memory quota (memory.py): the domain charged for this view's node
         #: copies (cxenstored's transaction records; 0 = dom0, not tracked),
-        #: the bytes charged so far, and each copy's extra key bytes.
+        #: the bytes charged so far, and the generation at the start (which
+        #: names the copies: see ``tag``).
         self.charge_to = charge_to
         self.memory = 0
-        self.tag = transaction_tag(live.generation)
+        self.started = live.generation
+
+    @property
+    def tag(self) -> int:
+        """Each node copy's extra key bytes (memory.transaction_tag)."""
+        return transaction_tag(self.started)
 
     def get(self, path: str) -> Node | None:
         nodes = self.nodes
