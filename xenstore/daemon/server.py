@@ -8,7 +8,10 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
    each, straight on the non-blocking socket;
 2. runs every complete request of that connection through
    ``engine.handle`` (pipelined requests are answered in order), collecting
-   replies and watch events;
+   replies and watch events.  The usual chunk -- one whole request from a
+   client with nothing pending -- takes a short way: if its only output is
+   the reply and nothing of the iteration waits for the journal (a read),
+   the reply is sent right away (``_answer_lone_request``);
 3. appends all changes the iteration committed to the journal in one
    ``write()`` (and, with ``--fsync power``, one ``fdatasync``: a group
    commit covering every reply of every connection of the iteration);
