@@ -27,16 +27,6 @@ def events(out, conn=None):
     return [p for c, op, p in triples if op == Op.WATCH_EVENT and (conn is None or c is conn)]
 
 
-@pytest.fixture
-def engine():
-    return Engine()
-
-
-@pytest.fixture
-def dom0(engine):
-    return engine.connect()
-
-
 def make_guest(engine, dom0, domid):
     req(engine, dom0, Op.INTRODUCE, b"%d|1|5|" % domid)
     req(engine, dom0, Op.WRITE, b"/local/domain/%d|" % domid)

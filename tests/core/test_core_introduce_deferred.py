@@ -36,11 +36,6 @@ def engine():
     return Engine(defer_introduce=True)
 
 
-@pytest.fixture
-def dom0(engine):
-    return engine.connect()
-
-
 def introduce(engine, conn, domid: int, port: int = 5) -> int:
     """Send a deferred INTRODUCE; returns its token."""
     engine.take_effects()

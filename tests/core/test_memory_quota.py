@@ -66,16 +66,6 @@ def assert_ledger_exact(engine) -> None:
     assert memory(engine, 0) == full.get(0, 0)
 
 
-@pytest.fixture
-def engine():
-    return Engine()
-
-
-@pytest.fixture
-def dom0(engine):
-    return engine.connect()
-
-
 # -- size rules ---------------------------------------------------------------------
 
 

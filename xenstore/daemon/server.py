@@ -462,16 +462,7 @@ class XenstoreServer:
         data = _lone_reply(conn, deliveries)
         engine = self.engine
         if data is not None and not engine.store.journal and not engine.pending_effects:
-            try:
-                sent = client.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._close(client)
-                return
-            if sent < len(data):
-                client.queue.push_replies(data[sent:])
-                self._update_interest(client)
+            self._send_direct(client, data, (data,))
             return
         client.touched = True
         self._touched.append(client)
@@ -589,14 +580,17 @@ class XenstoreServer:
         straight to the socket and only what it does not take is queued;
         otherwise through the queue."""
         replies = client.replies
-        queue = client.queue
-        if client.own_events is not None or queue.size:
+        if client.own_events is not None or client.queue.size:
             self._queue_output(client)
             self._flush(client)
             return
-        data = replies[0] if len(replies) == 1 else b"".join(replies)
         client.replies = []
         client.reply_bytes = 0
+        self._send_direct(client, replies[0] if len(replies) == 1 else b"".join(replies), replies)
+
+    def _send_direct(self, client: _Client, data: bytes, replies: list[bytes] | tuple[bytes, ...]) -> None:
+        """Send ``data``, the concatenated ``replies``, straight to the socket
+        (nothing is queued before them); what it does not take is queued."""
         try:
             sent = client.sock.send(data)
         except BlockingIOError:
@@ -612,7 +606,7 @@ class XenstoreServer:
                 if end > sent:
                     break
                 complete += 1
-            queue.push_replies(data[sent:], len(replies) - complete)
+            client.queue.push_replies(data[sent:], len(replies) - complete)
             self._update_interest(client)
 
     def _queue_output(self, client: _Client) -> None:
