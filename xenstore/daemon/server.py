@@ -10,8 +10,9 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
    ``engine.handle`` (pipelined requests are answered in order), collecting
    replies and watch events.  The usual chunk -- one whole request from a
    client with nothing pending -- takes a short way: if its only output is
-   the reply and nothing of the iteration waits for the journal (a read),
-   the reply is sent right away (``_answer_lone_request``);
+   the reply and nothing of the iteration waits for the journal (a read,
+   or any request with ``-I on``), the reply is sent right away
+   (``_answer_lone_request``);
 3. appends all changes the iteration committed to the journal in one
    ``write()`` (and, with ``--fsync power``, one ``fdatasync``: a group
    commit covering every reply of every connection of the iteration);
@@ -451,8 +452,8 @@ class XenstoreServer:
     def _answer_lone_request(self, client: _Client, packet: Packet) -> None:
         """The usual case, kept short: a client with nothing pending sent
         one whole request.  If no change of this iteration waits for the
-        journal, its reply goes out at once; otherwise with the iteration's
-        output, as ``_process`` does it."""
+        journal (or there is none: ``-I on``), its reply goes out at once;
+        otherwise with the iteration's output, as ``_process`` does it."""
         conn = client.conn
         try:
             deliveries = self.engine.handle(conn, packet)
@@ -461,7 +462,7 @@ class XenstoreServer:
             deliveries = [(conn, packet.error_reply("EIO"))]
         data = _lone_reply(conn, deliveries)
         engine = self.engine
-        if data is not None and not engine.store.journal and not engine.pending_effects:
+        if data is not None and not engine.pending_effects and (not engine.store.journal or self.state is None):
             self._send_direct(client, data, (data,))
             return
         client.touched = True
