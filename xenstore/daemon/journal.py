@@ -312,8 +312,9 @@ class StateDir:
         self._fd = fd
         self._journal_bytes = size
 
-    def append(self, changes: Sequence[Change]) -> None:
-        """Write one frame holding ``changes`` (one ``write()`` call).
+    def append(self, changes: Sequence[Change]) -> bool:
+        """Write one frame holding ``changes`` (one ``write()`` call);
+        returns :attr:`wants_compaction`.
 
         After this returns the data is in the kernel: it survives a crash of
         this process.  Raises :class:`JournalError` if the write fails.
@@ -329,6 +330,7 @@ class StateDir:
             raise JournalError(f"journal write failed: {exc}") from exc
         self._journal_bytes += len(frame)
         self.frames_written += 1
+        return self.wants_compaction
 
     def sync(self) -> None:
         """``fdatasync`` the journal (may be called from a worker thread)."""

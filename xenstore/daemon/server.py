@@ -760,29 +760,33 @@ class XenstoreServer:
         """Journal the engine's committed changes (before any reply leaves)."""
         engine = self.engine
         changes = engine.take_changes()
-        effects = engine.take_effects()
-        if effects:
-            for item in effects:
-                if isinstance(item, MemoryQuotaNotice):  # cxenstored's syslog lines
-                    log.warning("%s", item.message)
-            if self.effects_handler is not None:
-                self._linger_until = None  # (it may wake tasks)
-                self.effects_handler(effects)
-            else:
-                log.debug("ignoring engine effects %r", effects)
+        if engine.pending_effects:
+            self._carry_out(engine.take_effects())
         state = self.state
         if not changes or state is None:
             return
         try:
-            state.append(changes)
+            compact = state.append(changes)
             if self._power:
                 state.sync()
         except JournalError as exc:
             log.critical("%s; shutting down", exc)
             self.fatal_error = exc
             raise
-        if state.wants_compaction and not self._compacting and self._nursery is not None:
+        if compact and not self._compacting and self._nursery is not None:
             self._start_compaction()
+
+    def _carry_out(self, effects: list) -> None:
+        """The engine's effects: quota notices are logged, the rest goes to
+        ``effects_handler`` (guest rings) if there is one."""
+        for item in effects:
+            if isinstance(item, MemoryQuotaNotice):  # cxenstored's syslog lines
+                log.warning("%s", item.message)
+        if self.effects_handler is not None:
+            self._linger_until = None  # (it may wake tasks)
+            self.effects_handler(effects)
+        else:
+            log.debug("ignoring engine effects %r", effects)
 
     def _start_compaction(self) -> None:
         """Switch to a new journal and snapshot the store, right now.
