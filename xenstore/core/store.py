@@ -342,7 +342,7 @@ class Overlay:
             if node.perms.owner != perms.owner:
                 delta[node.perms.owner] = delta.get(node.perms.owner, 0) - 1
                 delta[perms.owner] = delta.get(perms.owner, 0) + 1
-            node = self._own(path, node)
+            # (``get`` returns the transaction's own copy of an existing node)
             if self.charge_to:  # memory quota
                 self._charge(len(value) - len(node.value) + PERM_ENTRY * (len(perms) - len(node.perms)))
             node.value = value
