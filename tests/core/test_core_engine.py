@@ -432,3 +432,44 @@ def test_remembered_paths_answer_like_the_full_way(engine, dom0):
     engine.limits.path_max = 2048
     req(engine, dom0, Op.RM, b"/s/a|")
     assert req(engine, dom0, Op.READ, b"/s/a|") == [(dom0, Op.ERROR, b"ENOENT\0")]
+
+
+def test_remembered_paths_in_dom0_transactions(engine, dom0):
+    """dom0's short ways inside a transaction (READ, DIRECTORY, WRITE) and
+    for TRANSACTION_START/END give the full way's answers: isolation, the
+    commit's change records, EAGAIN after a conflicting outside write."""
+    req(engine, dom0, Op.WRITE, b"/t/a|1")
+    req(engine, dom0, Op.READ, b"/t/a|")  # remembered from here on
+    engine.take_changes()
+
+    def start():
+        [(_, op, payload)] = req(engine, dom0, Op.TRANSACTION_START, b"|")
+        assert op == Op.TRANSACTION_START
+        return int(payload.rstrip(b"\0"))
+
+    tx = start()
+    assert req(engine, dom0, Op.WRITE, b"/t/a|2", tx) == [(dom0, Op.WRITE, b"OK\0")]
+    assert req(engine, dom0, Op.READ, b"/t/a|", tx) == [(dom0, Op.READ, b"2")]
+    assert req(engine, dom0, Op.DIRECTORY, b"/t|", tx) == [(dom0, Op.DIRECTORY, b"a\0")]
+    assert req(engine, dom0, Op.READ, b"/t/a|") == [(dom0, Op.READ, b"1")]  # isolated
+    assert engine.take_changes() == []
+    assert req(engine, dom0, Op.TRANSACTION_END, b"T|", tx) == [(dom0, Op.TRANSACTION_END, b"OK\0")]
+    assert engine.take_changes() == [("set", "/t/a", b"2", ["n0"])]
+    assert req(engine, dom0, Op.READ, b"/t/a|") == [(dom0, Op.READ, b"2")]
+
+    # A conflicting outside write: EAGAIN, nothing committed.
+    tx = start()
+    req(engine, dom0, Op.WRITE, b"/t/a|3", tx)
+    req(engine, dom0, Op.WRITE, b"/t/a|outside")
+    engine.take_changes()
+    assert req(engine, dom0, Op.TRANSACTION_END, b"T|", tx) == [(dom0, Op.ERROR, b"EAGAIN\0")]
+    assert engine.take_changes() == []
+    # Unknown transaction, bad argument: the full way's errors.
+    assert req(engine, dom0, Op.TRANSACTION_END, b"T|", 999) == [(dom0, Op.ERROR, b"ENOENT\0")]
+    tx = start()
+    assert req(engine, dom0, Op.TRANSACTION_END, b"X|", tx) == [(dom0, Op.ERROR, b"EINVAL\0")]
+    # With a watch somewhere the commit fires it (the full way).
+    tx = start()
+    req(engine, dom0, Op.WATCH, b"/t|w|")
+    req(engine, dom0, Op.WRITE, b"/t/a|4", tx)
+    assert events(req(engine, dom0, Op.TRANSACTION_END, b"T|", tx)) == [b"/t/a\0w\0"]

@@ -88,6 +88,8 @@ _tuple_new = tuple.__new__
 _READ = int(Op.READ)
 _DIRECTORY = int(Op.DIRECTORY)
 _WRITE = int(Op.WRITE)
+_TRANSACTION_START = int(Op.TRANSACTION_START)
+_TRANSACTION_END = int(Op.TRANSACTION_END)
 
 
 def _err(name: str) -> XenStoreError:
@@ -231,19 +233,33 @@ class Engine:
                 held.append(packet)
                 return []
         op = packet[0]
-        if (op == _READ or op == _DIRECTORY or op == _WRITE) and conn.privileged and not packet[2]:
-            # Most requests are dom0 reading or writing a node outside a
-            # transaction: done here from a remembered path and one lookup.
-            # Anything else (first sight of the path, a missing node, a
-            # watched store...) goes the full way below, to the same outcome.
-            if op == _WRITE:
+        if (op == _READ or op == _DIRECTORY or op == _WRITE) and conn.privileged:
+            # Most requests are dom0 reading or writing a node: done here
+            # from a remembered path and one lookup.  Anything else (first
+            # sight of the path, a missing node, a watched store...) goes the
+            # full way below, to the same outcome.
+            if packet[2]:
+                answer = self._dom0_in_transaction(conn, op, packet)
+            elif op == _WRITE:
                 answer = self._dom0_write(packet[3])
             else:
                 path = self._arg_paths.known.get(packet[3])
                 node = self.store.nodes.get(path) if path is not None and len(path) <= self.limits.path_max else None
                 answer = None if node is None else node.value if op == _READ else node.children_bytes()
             if answer is not None and len(answer) <= PAYLOAD_MAX:
-                return [(conn, _tuple_new(Packet, (op, packet[1], 0, answer)))]
+                return [(conn, _tuple_new(Packet, (op, packet[1], packet[2], answer)))]
+        elif op == _TRANSACTION_START and conn.privileged and not packet[2]:
+            # (dom0 has no transaction quota: this cannot fail)
+            return [(conn, _tuple_new(Packet, (op, packet[1], 0, self._transaction_start(conn, packet, None))))]
+        elif op == _TRANSACTION_END and conn.privileged and not self.watches.by_path:
+            # With no watch anywhere the only output is the reply.
+            tx = conn.transactions.get(packet[2]) if packet[2] else None
+            if tx is not None:
+                try:
+                    answer = self._transaction_end(conn, packet, tx)
+                except XenStoreError as e:
+                    return [(conn, packet.error_reply(e.name))]
+                return [(conn, _tuple_new(Packet, (op, packet[1], packet[2], answer)))]
         entry = self._dispatch.get(op)
         if entry is None:
             return [(conn, packet.error_reply("ENOSYS"))]
@@ -279,6 +295,35 @@ class Engine:
             out += self._after
             self._after = []
         return out
+
+    def _dom0_in_transaction(self, conn: Connection, op: int, packet: Packet) -> bytes | None:
+        """The short way of a privileged READ, DIRECTORY or WRITE inside a
+        transaction, on a node the transaction sees and whose path was seen
+        before: its reply payload; ``None``: take the full way (the access
+        recorded here is the one the full way records)."""
+        tx = conn.transactions.get(packet[2])
+        if tx is None:
+            return None
+        payload = packet[3]
+        if op == _WRITE:
+            i = payload.find(b"\0")
+            if i < 0:
+                return None
+            arg = payload[: i + 1]
+        else:
+            arg = payload
+        path = self._arg_paths.known.get(arg)
+        if path is None or len(path) > self.limits.path_max:
+            return None
+        overlay = tx.overlay
+        node = overlay.get(path)
+        if node is None:
+            return None
+        if op == _WRITE:
+            overlay.set_value(path, node, payload[i + 1 :])
+            tx.firings.append((path, False, ()))  # fired at commit
+            return OK
+        return node.value if op == _READ else node.children_bytes()
 
     def _dom0_write(self, payload: bytes) -> bytes | None:
         """A privileged WRITE outside a transaction to an existing dom0-owned

@@ -321,6 +321,15 @@ class Overlay:
                 self._charge(node_memory(path, mine) + self.tag)
         return mine
 
+    def set_value(self, path: str, node: Node, value: bytes) -> None:
+        """``put`` of a new value into ``node``, the transaction's own copy of
+        ``path`` (what ``get`` returned), keeping its permissions."""
+        if self.charge_to:  # memory quota
+            self._charge(len(value) - len(node.value))
+        node.value = value
+        node.generation = self.live.generation = self.live.generation + 1
+        self.ops.append(("set", path, value, node.perms))
+
     def put(self, path: str, value: bytes, perms: Perms) -> bool:
         gen = self.live.generation = self.live.generation + 1
         node = self.get(path)
@@ -416,8 +425,13 @@ class Overlay:
         """Replay the transaction's mutations into the live store (which
         journals them).  Call only after :meth:`conflicts` said False."""
         live = self.live
+        nodes = live.nodes
         for op in self.ops:
             if op[0] == "set":
-                live.put(op[1], op[2], op[3])
+                node = nodes.get(op[1])
+                if node is not None and node.perms is op[3]:
+                    live.set_value(op[1], node, op[2])  # (the usual: a new value)
+                else:
+                    live.put(op[1], op[2], op[3])
             else:
                 live.delete(op[1])
