@@ -87,6 +87,10 @@ class JournalError(Exception):
     """Persisting failed (disk full, I/O error) or the state is unreadable."""
 
 
+_pack_frame_header = FRAME.pack
+_crc32 = zlib.crc32
+
+
 def encode_frame(body: bytes) -> bytes:
     """Length + CRC32 header followed by ``body``."""
     return FRAME.pack(len(body), zlib.crc32(body)) + body
@@ -319,18 +323,20 @@ class StateDir:
         After this returns the data is in the kernel: it survives a crash of
         this process.  Raises :class:`JournalError` if the write fails.
         """
-        if self._fd is None:
+        fd = self._fd
+        if fd is None:
             raise RuntimeError("journal is not open")
-        frame = encode_frame(self._packer.pack(changes))
+        body = self._packer.pack(changes)
+        frame = _pack_frame_header(len(body), _crc32(body)) + body  # encode_frame, inline: every batch
         try:
-            written = os.write(self._fd, frame)
+            written = os.write(fd, frame)
             if written != len(frame):
-                _write_all(self._fd, memoryview(frame)[written:])
+                _write_all(fd, memoryview(frame)[written:])
         except OSError as exc:
             raise JournalError(f"journal write failed: {exc}") from exc
-        self._journal_bytes += len(frame)
+        size = self._journal_bytes = self._journal_bytes + len(frame)
         self.frames_written += 1
-        return self.wants_compaction
+        return size > self.compact_bytes and size > 2 * self._snapshot_bytes  # wants_compaction
 
     def sync(self) -> None:
         """``fdatasync`` the journal (may be called from a worker thread)."""

@@ -264,6 +264,8 @@ class XenstoreServer:
         self._by_fd: dict[int, _Client] = {}
         self._epoll: Any = None
         self._touched: list[_Client] = []  # clients with output this iteration
+        #: Lone requests' replies that wait for the iteration's journal write.
+        self._after_journal: list[tuple[_Client, bytes]] = []
         self._others: list[tuple[Any, Packet]] = []  # deliveries to other connections
         self._runnable: list[_Client] = []  # unthrottled clients with buffered requests
         #: Trio time up to which the loop may linger in its own epoll (None:
@@ -451,9 +453,10 @@ class XenstoreServer:
 
     def _answer_lone_request(self, client: _Client, packet: Packet) -> None:
         """The usual case, kept short: a client with nothing pending sent
-        one whole request.  If no change of this iteration waits for the
-        journal (or there is none: ``-I on``), its reply goes out at once;
-        otherwise with the iteration's output, as ``_process`` does it."""
+        one whole request.  If its only output is the reply, that goes out
+        at once when no change of the iteration waits for the journal (or
+        there is none: ``-I on``), else right after the iteration's journal
+        write; other output takes the way of ``_process``."""
         conn = client.conn
         try:
             deliveries = self.engine.handle(conn, packet)
@@ -462,8 +465,11 @@ class XenstoreServer:
             deliveries = [(conn, packet.error_reply("EIO"))]
         data = _lone_reply(conn, deliveries)
         engine = self.engine
-        if data is not None and not engine.pending_effects and (not engine.store.journal or self.state is None):
-            self._send_direct(client, data, (data,))
+        if data is not None and not engine.pending_effects:
+            if not engine.store.journal or self.state is None:
+                self._send_direct(client, data, (data,))
+            else:  # sent as soon as the iteration's changes are journaled
+                self._after_journal.append((client, data))
             return
         client.touched = True
         self._touched.append(client)
@@ -551,6 +557,12 @@ class XenstoreServer:
         engine = self.engine
         if engine.store.journal or engine.pending_effects:
             self._persist()
+        if self._after_journal:
+            waiting = self._after_journal
+            self._after_journal = []
+            for client, data in waiting:
+                if not client.closed:
+                    self._send_direct(client, data, (data,))
         touched = self._touched
         self._touched = []
         for client in touched:
