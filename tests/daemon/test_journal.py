@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -33,8 +34,15 @@ def test_frame_golden_bytes():
     assert decode_frames(encode_frame(b"abc")) == ([(0, b"abc")], 11, None)
 
 
+def test_a_zero_length_field_ends_the_frames():
+    """Bodies are never empty (a packed batch is at least one byte), so a
+    zero length is the zero-filled room at the end of a mapped journal."""
+    blob = encode_frame(b"abc") + bytes(64)
+    assert decode_frames(blob) == ([(0, b"abc")], 11, "empty frame at offset 11")
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=40), max_size=6), st.data())
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=6), st.data())
 def test_decode_stops_exactly_at_the_damage(bodies, data):
     blob = b"".join(encode_frame(b) for b in bodies)
     frames, end, problem = decode_frames(blob)
@@ -192,3 +200,35 @@ def test_package_exports():
 
     for name in daemon.__all__:
         assert getattr(daemon, name).__module__.startswith("xenstore.daemon.")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MiB tmpfs: room for the first journal chunk, not the second."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_an_append_error_and_loses_nothing_appended(small_disk):
+    """The mapped journal is allocated ahead (posix_fallocate): a full disk
+    shows as JournalError from append -- never a SIGBUS -- and every frame
+    appended before it is there after recovery."""
+    sd = StateDir(small_disk)
+    sd.recover()
+    sd.open_journal()
+    appended = []
+    with pytest.raises(JournalError, match="cannot grow"):
+        for i in range(100_000):
+            batch = [("set", f"/full/k{i}", b"x" * 100, ["n0"])]
+            sd.append(batch)
+            appended.append(batch)
+    sd.close()
+    assert len(appended) > 1000
+    rec = StateDir(small_disk).recover()
+    assert rec.problems == [] and rec.batches == [[tuple(c) for c in b] for b in appended]

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from xenstore.daemon.journal import JOURNAL_MAGIC, decode_frames
 from xenstore.wire import Op, Packet
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,6 +32,28 @@ def dump(conn, path="/"):
 
 def journals(state_dir):
     return sorted(n for n in os.listdir(state_dir) if n.startswith("journal.") and n[8:].isdigit())
+
+
+def data_end(journal):
+    """Where a journal's frames end (a journal left by a killed daemon goes
+    on with zero-filled room, allocated ahead)."""
+    with open(journal, "rb") as f:
+        data = f.read()
+    _, end, _ = decode_frames(data, len(JOURNAL_MAGIC))
+    return end
+
+
+def test_a_killed_daemons_journal_ends_in_room_that_recovery_ignores(xenstored_factory):
+    d = xenstored_factory.start()
+    d.connect().write("/room/a", b"1")
+    d.kill()
+    journal = os.path.join(d.state_dir, journals(d.state_dir)[-1])
+    assert os.path.getsize(journal) > data_end(journal)  # the room allocated ahead
+    d2 = xenstored_factory.start(state_dir=d.state_dir)
+    assert d2.connect().read("/room/a") == b"1"
+    d2.stop()
+    assert "journal" not in d2.stderr()  # nothing to report: zeros are the clean end
+    assert os.path.getsize(journal) == data_end(journal)  # a clean stop cuts the room off
 
 
 def test_restart_keeps_values_perms_and_order(xenstored_factory):
@@ -113,7 +136,7 @@ def test_torn_last_record_is_dropped_and_logged(xenstored_factory):
     c.write("/torn/last", b"3")
     d.kill()
     journal = os.path.join(d.state_dir, journals(d.state_dir)[-1])
-    os.truncate(journal, os.path.getsize(journal) - 5)  # cut the last record in half
+    os.truncate(journal, data_end(journal) - 5)  # cut the last record in half
     d2 = xenstored_factory.start(state_dir=d.state_dir)
     c2 = d2.connect()
     assert c2.read("/torn/first") == b"1" and c2.read("/torn/second") == b"2"
@@ -133,7 +156,7 @@ def test_no_recovery_flag_refuses_a_damaged_journal(xenstored_factory):
     d.connect().write("/x", b"1")
     d.kill()
     journal = os.path.join(d.state_dir, journals(d.state_dir)[-1])
-    os.truncate(journal, os.path.getsize(journal) - 1)
+    os.truncate(journal, data_end(journal) - 1)
     with pytest.raises(RuntimeError, match="truncated"):
         xenstored_factory.start("-R", state_dir=d.state_dir)
 
@@ -151,7 +174,7 @@ def test_compaction_keeps_the_store_and_bounds_the_journal(xenstored_factory):
         time.sleep(0.05)
     names = os.listdir(d.state_dir)
     assert "snapshot" in names and len(journals(d.state_dir)) == 1
-    assert os.path.getsize(os.path.join(d.state_dir, journals(d.state_dir)[0])) < 60000
+    assert data_end(os.path.join(d.state_dir, journals(d.state_dir)[0])) < 60000
     expected = dump(c, "/compact")
     d.kill()
     d2 = xenstored_factory.start(state_dir=d.state_dir)

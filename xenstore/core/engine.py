@@ -388,7 +388,10 @@ class Engine:
 
     def take_changes(self) -> list[Change]:
         """Committed store mutations since the last call (to journal)."""
-        return self.store.take_journal()
+        store = self.store
+        changes = store.journal  # Store.take_journal, inline: after every write
+        store.journal = []
+        return changes
 
     def take_effects(self) -> list:
         """Side effects for the I/O layer (:class:`Introduced`, :class:`Released`)."""

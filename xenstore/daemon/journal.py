@@ -1,8 +1,17 @@
 """Persistence of the store: an append-only journal plus snapshots.
 
-No trio here: the daemon calls these methods from its event loop (appends,
-which are one ``write()`` each) or from a worker thread (``fsync``, writing a
-snapshot), and the tests drive them directly.
+No trio here: the daemon calls these methods from its event loop (appends)
+or from a worker thread (``fsync``, writing a snapshot), and the tests drive
+them directly.
+
+The journal being appended to is a shared memory mapping of its file: an
+append copies the frame into the page cache (no system call, which on the
+request path cost more than the rest of the append), and what is there
+survives a crash or ``kill -9`` of the daemon just as a ``write()`` would;
+``fdatasync`` makes it survive power loss too.  The file is extended ahead
+in chunks with ``posix_fallocate`` (so a full disk is an error of the
+append, never a SIGBUS) and cut back to its data when closed; a journal
+left by a crash ends in zeros, which recovery treats as its clean end.
 
 State directory layout::
 
@@ -23,7 +32,8 @@ in the snapshot, a crash at any point of a compaction leaves a readable
 state: an old snapshot still names the older journals, and those are only
 deleted once the new snapshot is in place.
 
-A frame that is cut short or fails its CRC (a crash in the middle of a
+A zero length field ends the frames (the unused, zero-filled end of a
+journal; a body is never empty).  A frame that is cut short or fails its CRC (a crash in the middle of a
 ``write()``, or a damaged disk) ends the journal: it and anything after it
 are dropped, logged, and the file is truncated there (a damaged file is
 first copied aside as ``journal.N.corrupt``) so later appends stay readable.
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -87,6 +98,8 @@ class JournalError(Exception):
     """Persisting failed (disk full, I/O error) or the state is unreadable."""
 
 
+#: The journal file grows by this much at a time (allocated, then mapped).
+_CHUNK = 1 << 20
 _pack_frame_header = FRAME.pack
 _crc32 = zlib.crc32
 
@@ -111,6 +124,8 @@ def decode_frames(data: bytes | memoryview, start: int = 0) -> tuple[list[tuple[
         if total - pos < FRAME.size:
             return frames, pos, f"truncated frame header at offset {pos}"
         length, crc = FRAME.unpack_from(view, pos)
+        if length == 0:
+            return frames, pos, f"empty frame at offset {pos}"
         if length > MAX_FRAME:
             return frames, pos, f"impossible frame length {length} at offset {pos}"
         body_start = pos + FRAME.size
@@ -192,6 +207,7 @@ class StateDir:
         self.policy = policy
         self.compact_bytes = compact_bytes
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None  # the journal file, mapped (see _extend)
         self._seq = 0  # number of the journal being appended to
         self._journal_bytes = 0
         self._snapshot_bytes = 0
@@ -287,7 +303,10 @@ class StateDir:
                 except ValueError as exc:
                     problem, keep = f"{exc} at offset {offset} (valid CRC)", offset
                     break
-        if keep == len(data) or strict:
+            else:
+                if problem is not None and not data[keep:].strip(b"\0"):
+                    problem = None  # the zero-filled room of a journal left open: its clean end
+        if keep == len(data) or (strict and problem is not None):
             return problem
         torn_tail_only = problem is not None and problem.startswith("truncated")
         if problem is not None and not torn_tail_only:
@@ -304,39 +323,69 @@ class StateDir:
     # -- appending -------------------------------------------------------
 
     def open_journal(self) -> None:
-        """Open (or create) the current journal for appending."""
+        """Open (or create) the current journal for appending (after
+        :meth:`recover`, which cuts a damaged or zero-filled end off)."""
         path = self._journal_path(self._seq)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        size = os.fstat(fd).st_size
-        if size == 0:
-            _write_all(fd, JOURNAL_MAGIC)
-            os.fsync(fd)
-            self._fsync_dir()
-            size = len(JOURNAL_MAGIC)
-        self._fd = fd
-        self._journal_bytes = size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                _write_all(fd, JOURNAL_MAGIC)
+                os.fsync(fd)
+                self._fsync_dir()
+                size = len(JOURNAL_MAGIC)
+            else:
+                size = _data_end(fd, size)
+            self._fd = fd
+            self._journal_bytes = size
+            self._map = None
+            self._extend(size)
+        except BaseException:
+            self._fd = None
+            os.close(fd)
+            raise
+
+    def _extend(self, needed: int) -> None:
+        """Room for at least ``needed`` bytes: the file is allocated up to
+        the next chunk boundary (an ``ENOSPC`` shows here, as a
+        :class:`JournalError`) and mapped whole."""
+        size = (needed // _CHUNK + 1) * _CHUNK
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+            if self._map is None:
+                self._map = mmap.mmap(self._fd, size)
+            else:
+                self._map.resize(size)
+        except OSError as exc:
+            raise JournalError(f"journal cannot grow: {exc}") from exc
+        # Pages written before stay in the page cache; only the mapping lets
+        # go of them (they would count as the daemon's resident memory).
+        done = self._journal_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        if done:
+            self._map.madvise(mmap.MADV_DONTNEED, 0, done)
 
     def append(self, changes: Sequence[Change]) -> bool:
-        """Write one frame holding ``changes`` (one ``write()`` call);
-        returns :attr:`wants_compaction`.
+        """Append one frame holding ``changes``; returns :attr:`wants_compaction`.
 
-        After this returns the data is in the kernel: it survives a crash of
-        this process.  Raises :class:`JournalError` if the write fails.
+        After this returns the frame is in the page cache: it survives a
+        crash of this process.  Raises :class:`JournalError` if the journal
+        cannot grow (disk full).
         """
-        fd = self._fd
-        if fd is None:
+        if self._fd is None:
             raise RuntimeError("journal is not open")
         body = self._packer.pack(changes)
-        frame = _pack_frame_header(len(body), _crc32(body)) + body  # encode_frame, inline: every batch
-        try:
-            written = os.write(fd, frame)
-            if written != len(frame):
-                _write_all(fd, memoryview(frame)[written:])
-        except OSError as exc:
-            raise JournalError(f"journal write failed: {exc}") from exc
-        size = self._journal_bytes = self._journal_bytes + len(frame)
+        start = self._journal_bytes
+        end = start + 8 + len(body)
+        if end > len(self._map):
+            self._extend(end)
+        mapped = self._map
+        # The body first, the header last: a crash in between leaves a zero
+        # length field, i.e. the clean end of the journal.
+        mapped[start + 8 : end] = body
+        mapped[start : start + 8] = _pack_frame_header(len(body), _crc32(body))
+        self._journal_bytes = end
         self.frames_written += 1
-        return size > self.compact_bytes and size > 2 * self._snapshot_bytes  # wants_compaction
+        return end > self.compact_bytes and end > 2 * self._snapshot_bytes  # wants_compaction
 
     def sync(self) -> None:
         """``fdatasync`` the journal (may be called from a worker thread)."""
@@ -372,10 +421,7 @@ class StateDir:
         :meth:`write_snapshot` (in a thread if it likes) and finally calls
         :meth:`finish_compaction`.
         """
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        self._close_journal()
         self._seq += 1
         self.open_journal()
         return self._seq
@@ -403,12 +449,22 @@ class StateDir:
                 os.unlink(self._journal_path(seq))
 
     def close(self) -> None:
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+        self._close_journal()
+
+    def _close_journal(self) -> None:
+        """Sync the journal, cut its unused room off and close it."""
+        fd = self._fd
+        if fd is None:
+            return
+        self._fd = None
+        try:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            os.ftruncate(fd, self._journal_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- helpers ---------------------------------------------------------
 
@@ -429,6 +485,19 @@ class StateDir:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _data_end(fd: int, size: int) -> int:
+    """Where the frames of an existing journal end: its zero-filled room
+    after them is free; anything else there is damage ``recover`` did not
+    remove (appending after it would hide every later frame)."""
+    data = os.pread(fd, size, 0)
+    if not data.startswith(JOURNAL_MAGIC):
+        raise JournalError("journal has no magic; recover() first")
+    _, end, problem = decode_frames(data, len(JOURNAL_MAGIC))
+    if problem is not None and data[end:].strip(b"\0"):
+        raise JournalError(f"journal is damaged ({problem}); recover() first")
+    return end
 
 
 def _write_all(fd: int, data: bytes) -> None:

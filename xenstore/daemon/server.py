@@ -10,12 +10,12 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
    ``engine.handle`` (pipelined requests are answered in order), collecting
    replies and watch events.  The usual chunk -- one whole request from a
    client with nothing pending -- takes a short way: if its only output is
-   the reply and nothing of the iteration waits for the journal (a read,
-   or any request with ``-I on``), the reply is sent right away
-   (``_answer_lone_request``);
-3. appends all changes the iteration committed to the journal in one
-   ``write()`` (and, with ``--fsync power``, one ``fdatasync``: a group
-   commit covering every reply of every connection of the iteration);
+   the reply, the changes so far are journaled (a copy into the mapped
+   journal file) and the reply is sent right away; with ``--fsync power``
+   a reply that needs the journal waits for step 3 (``_answer_lone_request``);
+3. appends the changes the iteration committed since to the journal as one
+   frame (and, with ``--fsync power``, one ``fdatasync``: a group commit
+   covering every reply of every connection of the iteration);
 4. only then queues the replies and events and ``send()``-s each
    connection's queue in one call.
 
@@ -454,9 +454,9 @@ class XenstoreServer:
     def _answer_lone_request(self, client: _Client, packet: Packet) -> None:
         """The usual case, kept short: a client with nothing pending sent
         one whole request.  If its only output is the reply, that goes out
-        at once when no change of the iteration waits for the journal (or
-        there is none: ``-I on``), else right after the iteration's journal
-        write; other output takes the way of ``_process``."""
+        at once, after journaling what the request changed (with
+        ``--fsync power``: after the iteration's group commit); other output
+        takes the way of ``_process``."""
         conn = client.conn
         try:
             deliveries = self.engine.handle(conn, packet)
@@ -466,9 +466,11 @@ class XenstoreServer:
         data = _lone_reply(conn, deliveries)
         engine = self.engine
         if data is not None and not engine.pending_effects:
-            if not engine.store.journal or self.state is None:
+            if engine.store.journal and not self._power:
+                self._persist()  # (a copy into the mapped journal: cheap)
+            if not engine.store.journal:
                 self._send_direct(client, data, (data,))
-            else:  # sent as soon as the iteration's changes are journaled
+            else:  # --fsync power: sent after the iteration's group commit
                 self._after_journal.append((client, data))
             return
         client.touched = True
