@@ -466,12 +466,12 @@ class XenstoreServer:
         data = _lone_reply(conn, deliveries)
         engine = self.engine
         if data is not None and not engine.pending_effects:
-            if engine.store.journal and not self._power:
-                self._persist()  # (a copy into the mapped journal: cheap)
-            if not engine.store.journal:
-                self._send_direct(client, data, (data,))
-            else:  # --fsync power: sent after the iteration's group commit
-                self._after_journal.append((client, data))
+            if engine.store.journal:
+                if self._power:  # sent after the iteration's group commit
+                    self._after_journal.append((client, data))
+                    return
+                self._journal(engine.take_changes())  # (a copy into the mapped journal: cheap)
+            self._send_direct(client, data, (data,))
             return
         client.touched = True
         self._touched.append(client)
@@ -776,8 +776,13 @@ class XenstoreServer:
         changes = engine.take_changes()
         if engine.pending_effects:
             self._carry_out(engine.take_effects())
+        if changes:
+            self._journal(changes)
+
+    def _journal(self, changes: list) -> None:
+        """Append ``changes`` to the journal (and sync, with --fsync power)."""
         state = self.state
-        if not changes or state is None:
+        if state is None:
             return
         try:
             compact = state.append(changes)
