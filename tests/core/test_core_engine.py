@@ -473,3 +473,20 @@ def test_remembered_paths_in_dom0_transactions(engine, dom0):
     req(engine, dom0, Op.WATCH, b"/t|w|")
     req(engine, dom0, Op.WRITE, b"/t/a|4", tx)
     assert events(req(engine, dom0, Op.TRANSACTION_END, b"T|", tx)) == [b"/t/a\0w\0"]
+
+
+def test_quick_reply_answers_only_what_handle_would_answer_alone(engine, dom0):
+    """``quick_reply`` gives the reply payload of a short-way request, and
+    ``None`` -- having done nothing -- for everything else."""
+    assert engine.quick_reply(dom0, Op.READ, 0, b"/q/a\0") is None  # unknown path: nothing done
+    req(engine, dom0, Op.WRITE, b"/q/a|1")
+    engine.take_changes()
+    assert engine.quick_reply(dom0, Op.READ, 0, b"/q/a\0") == b"1"
+    assert engine.quick_reply(dom0, Op.DIRECTORY, 0, b"/q\0") == b"a\0"
+    assert engine.quick_reply(dom0, Op.WRITE, 0, b"/q/a\0" + b"2") == b"OK\0"
+    assert engine.take_changes() == [("set", "/q/a", b"2", ["n0"])]
+    assert engine.quick_reply(dom0, Op.GET_PERMS, 0, b"/q/a\0") is None
+    assert engine.quick_reply(dom0, Op.READ, 77, b"/q/a\0") is None  # no such transaction
+    guest = engine.connect(5, privileged=False)
+    assert engine.quick_reply(guest, Op.READ, 0, b"/q/a\0") is None
+    assert engine.take_changes() == []

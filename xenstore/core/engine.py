@@ -234,19 +234,8 @@ class Engine:
                 return []
         op = packet[0]
         if (op == _READ or op == _DIRECTORY or op == _WRITE) and conn.privileged:
-            # Most requests are dom0 reading or writing a node: done here
-            # from a remembered path and one lookup.  Anything else (first
-            # sight of the path, a missing node, a watched store...) goes the
-            # full way below, to the same outcome.
-            if packet[2]:
-                answer = self._dom0_in_transaction(conn, op, packet)
-            elif op == _WRITE:
-                answer = self._dom0_write(packet[3])
-            else:
-                path = self._arg_paths.known.get(packet[3])
-                node = self.store.nodes.get(path) if path is not None and len(path) <= self.limits.path_max else None
-                answer = None if node is None else node.value if op == _READ else node.children_bytes()
-            if answer is not None and len(answer) <= PAYLOAD_MAX:
+            answer = self.quick_reply(conn, op, packet[2], packet[3])
+            if answer is not None:
                 return [(conn, _tuple_new(Packet, (op, packet[1], packet[2], answer)))]
         elif op == _TRANSACTION_START and conn.privileged and not packet[2]:
             # (dom0 has no transaction quota: this cannot fail)
@@ -296,15 +285,37 @@ class Engine:
             self._after = []
         return out
 
-    def _dom0_in_transaction(self, conn: Connection, op: int, packet: Packet) -> bytes | None:
+    def quick_reply(self, conn: Connection, op: int, tx_id: int, payload: bytes) -> bytes | None:
+        """The reply payload of a request whose only output is its reply and
+        that takes the short way, else ``None`` -- and then nothing happened:
+        :meth:`handle` it.  (``handle`` tries this first itself; the I/O
+        layer may call it directly to save building packets.)
+
+        The short ways: most requests are dom0 reading or writing a node,
+        done from a remembered path and one lookup.  Anything else (first
+        sight of the path, a missing node, a watched store...) goes the full
+        way, to the same outcome.
+        """
+        if not (op == _READ or op == _DIRECTORY or op == _WRITE) or not conn.privileged:
+            return None
+        if tx_id:
+            answer = self._dom0_in_transaction(conn, op, tx_id, payload)
+        elif op == _WRITE:
+            answer = self._dom0_write(payload)
+        else:
+            path = self._arg_paths.known.get(payload)
+            node = self.store.nodes.get(path) if path is not None and len(path) <= self.limits.path_max else None
+            answer = None if node is None else node.value if op == _READ else node.children_bytes()
+        return answer if answer is not None and len(answer) <= PAYLOAD_MAX else None
+
+    def _dom0_in_transaction(self, conn: Connection, op: int, tx_id: int, payload: bytes) -> bytes | None:
         """The short way of a privileged READ, DIRECTORY or WRITE inside a
         transaction, on a node the transaction sees and whose path was seen
         before: its reply payload; ``None``: take the full way (the access
         recorded here is the one the full way records)."""
-        tx = conn.transactions.get(packet[2])
+        tx = conn.transactions.get(tx_id)
         if tx is None:
             return None
-        payload = packet[3]
         if op == _WRITE:
             i = payload.find(b"\0")
             if i < 0:

@@ -458,13 +458,20 @@ class XenstoreServer:
         ``--fsync power``: after the iteration's group commit); other output
         takes the way of ``_process``."""
         conn = client.conn
+        engine = self.engine
+        op = packet[0]
+        tx_id = packet[2]
         try:
-            deliveries = self.engine.handle(conn, packet)
+            answer = engine.quick_reply(conn, op, tx_id, packet[3])
+            if answer is None:
+                deliveries = engine.handle(conn, packet)
         except Exception:  # an engine bug must not take the daemon down
             log.exception("engine failed on %r", packet)
-            deliveries = [(conn, packet.error_reply("EIO"))]
-        data = _lone_reply(conn, deliveries)
-        engine = self.engine
+            answer, deliveries = None, [(conn, packet.error_reply("EIO"))]
+        if answer is not None:
+            data = _pack_header(op, packet[1], tx_id, len(answer)) + answer
+        else:
+            data = _lone_reply(conn, deliveries)
         if data is not None and not engine.pending_effects:
             if engine.store.journal:
                 if self._power:  # sent after the iteration's group commit
