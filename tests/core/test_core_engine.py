@@ -480,6 +480,7 @@ def test_quick_reply_answers_only_what_handle_would_answer_alone(engine, dom0):
     ``None`` -- having done nothing -- for everything else."""
     assert engine.quick_reply(dom0, Op.READ, 0, b"/q/a\0") is None  # unknown path: nothing done
     req(engine, dom0, Op.WRITE, b"/q/a|1")
+    req(engine, dom0, Op.DIRECTORY, b"/q|")  # (a path is remembered once it was an argument)
     engine.take_changes()
     assert engine.quick_reply(dom0, Op.READ, 0, b"/q/a\0") == b"1"
     assert engine.quick_reply(dom0, Op.DIRECTORY, 0, b"/q\0") == b"a\0"
