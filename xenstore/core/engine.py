@@ -399,10 +399,7 @@ class Engine:
 
     def take_changes(self) -> list[Change]:
         """Committed store mutations since the last call (to journal)."""
-        store = self.store
-        changes = store.journal  # Store.take_journal, inline: after every write
-        store.journal = []
-        return changes
+        return self.store.take_journal()
 
     def take_effects(self) -> list:
         """Side effects for the I/O layer (:class:`Introduced`, :class:`Released`)."""

@@ -385,7 +385,7 @@ class StateDir:
         mapped[start : start + 8] = _pack_frame_header(len(body), _crc32(body))
         self._journal_bytes = end
         self.frames_written += 1
-        return end > self.compact_bytes and end > 2 * self._snapshot_bytes  # wants_compaction
+        return self._outgrown(end)
 
     def sync(self) -> None:
         """``fdatasync`` the journal (may be called from a worker thread)."""
@@ -409,7 +409,10 @@ class StateDir:
     @property
     def wants_compaction(self) -> bool:
         """The journal outgrew both the threshold and twice the snapshot."""
-        return self._journal_bytes > max(self.compact_bytes, 2 * self._snapshot_bytes)
+        return self._outgrown(self._journal_bytes)
+
+    def _outgrown(self, journal_bytes: int) -> bool:
+        return journal_bytes > self.compact_bytes and journal_bytes > 2 * self._snapshot_bytes
 
     # -- compaction ------------------------------------------------------
 
