@@ -115,6 +115,20 @@ def test_later_requests_of_the_same_connection_wait_in_order(engine, dom0):
     assert req(engine, dom0, Op.READ, b"/a|")[-1][2] == b"1"
 
 
+def test_short_way_never_answers_a_held_connection(engine, dom0):
+    """The I/O layer asks ``quick_reply`` before ``handle``: while the
+    connection waits for its INTRODUCE reply, it must not answer out of order."""
+    req(engine, dom0, Op.WRITE, b"/a|1")
+    req(engine, dom0, Op.READ, b"/a|")  # the path is remembered: a short-way candidate
+    assert engine.quick_reply(dom0, Op.READ, 0, b"/a\0") == b"1"
+    token = introduce(engine, dom0, 5)
+    for op, payload in ((Op.READ, b"/a\0"), (Op.WRITE, b"/a\0002"), (Op.TRANSACTION_START, b"\0")):
+        assert engine.quick_reply(dom0, op, 0, payload) is None
+    assert engine.quick_reply(engine.connect(), Op.READ, 0, b"/a\0") == b"1"  # others are served
+    engine.complete_introduce(token)
+    assert engine.quick_reply(dom0, Op.READ, 0, b"/a\0") == b"1"
+
+
 def test_a_held_introduce_defers_again_and_the_rest_keeps_waiting(engine, dom0):
     first = introduce(engine, dom0, 5)
     assert req(engine, dom0, Op.INTRODUCE, b"6|1|9|") == []

@@ -233,21 +233,9 @@ class Engine:
                 held.append(packet)
                 return []
         op = packet[0]
-        if (op == _READ or op == _DIRECTORY or op == _WRITE) and conn.privileged:
+        if conn.privileged:
             answer = self.quick_reply(conn, op, packet[2], packet[3])
             if answer is not None:
-                return [(conn, _tuple_new(Packet, (op, packet[1], packet[2], answer)))]
-        elif op == _TRANSACTION_START and conn.privileged and not packet[2]:
-            # (dom0 has no transaction quota: this cannot fail)
-            return [(conn, _tuple_new(Packet, (op, packet[1], 0, self._transaction_start(conn, packet, None))))]
-        elif op == _TRANSACTION_END and conn.privileged and not self.watches.by_path:
-            # With no watch anywhere the only output is the reply.
-            tx = conn.transactions.get(packet[2]) if packet[2] else None
-            if tx is not None:
-                try:
-                    answer = self._transaction_end(conn, packet, tx)
-                except XenStoreError as e:
-                    return [(conn, packet.error_reply(e.name))]
                 return [(conn, _tuple_new(Packet, (op, packet[1], packet[2], answer)))]
         entry = self._dispatch.get(op)
         if entry is None:
@@ -292,21 +280,32 @@ class Engine:
         layer may call it directly to save building packets.)
 
         The short ways: most requests are dom0 reading or writing a node,
-        done from a remembered path and one lookup.  Anything else (first
-        sight of the path, a missing node, a watched store...) goes the full
-        way, to the same outcome.
+        done from a remembered path and one lookup, and dom0's transactions
+        while no watch is set.  Anything else (first sight of the path, a
+        missing node, a watched store, a conflict...) goes the full way, to
+        the same outcome.
         """
-        if not (op == _READ or op == _DIRECTORY or op == _WRITE) or not conn.privileged:
+        if not conn.privileged or (self._held and conn in self._held):
             return None
-        if tx_id:
-            answer = self._dom0_in_transaction(conn, op, tx_id, payload)
-        elif op == _WRITE:
-            answer = self._dom0_write(payload)
-        else:
-            path = self._arg_paths.known.get(payload)
-            node = self.store.nodes.get(path) if path is not None and len(path) <= self.limits.path_max else None
-            answer = None if node is None else node.value if op == _READ else node.children_bytes()
-        return answer if answer is not None and len(answer) <= PAYLOAD_MAX else None
+        if op == _READ or op == _DIRECTORY:
+            if tx_id:
+                answer = self._dom0_in_transaction(conn, op, tx_id, payload)
+            else:
+                path = self._arg_paths.known.get(payload)
+                node = self.store.nodes.get(path) if path is not None and len(path) <= self.limits.path_max else None
+                answer = None if node is None else node.value if op == _READ else node.children_bytes()
+            return answer if answer is not None and len(answer) <= PAYLOAD_MAX else None
+        if op == _WRITE:
+            return self._dom0_in_transaction(conn, op, tx_id, payload) if tx_id else self._dom0_write(payload)
+        if op == _TRANSACTION_START:
+            return None if tx_id else self._open_transaction(conn, 0)  # (dom0 has no quota: cannot fail)
+        if op == _TRANSACTION_END and not self.watches.by_path:
+            # With no watch anywhere its only output is the reply.
+            tx = conn.transactions.get(tx_id)
+            if tx is None or (payload != b"F\0" and (payload != b"T\0" or tx.overlay.conflicts())):
+                return None  # an error reply: the full way
+            return self._end_transaction(conn, tx, payload, checked=True)
+        return None
 
     def _dom0_in_transaction(self, conn: Connection, op: int, tx_id: int, payload: bytes) -> bytes | None:
         """The short way of a privileged READ, DIRECTORY or WRITE inside a
@@ -800,6 +799,10 @@ class Engine:
             if limit and len(conn.transactions) >= limit:
                 raise _err("ENOSPC")
             max_nodes = self.quota("transaction-nodes", conn.domid)
+        return self._open_transaction(conn, max_nodes)
+
+    def _open_transaction(self, conn: Connection, max_nodes: int) -> bytes:
+        """Start a transaction (the caller checked the quotas); the reply payload."""
         tx_id = allocate_id(conn)
         conn.transactions[tx_id] = Transaction(tx_id, conn, self.store, max_nodes)
         return b"%d\0" % tx_id
@@ -810,12 +813,17 @@ class Engine:
             raise _err(_EINVAL)
         if tx is None:
             raise _err("ENOENT")
+        return self._end_transaction(conn, tx, arg)
+
+    def _end_transaction(self, conn: Connection, tx: Transaction, arg: bytes, *, checked: bool = False) -> bytes:
+        """Commit (``arg`` b"T\\0") or abort ``tx``; it is gone either way.
+        ``checked``: the caller has just found it free of conflicts."""
         del conn.transactions[tx.id]
         tx.close()  # memory quota: its records go; a commit charges the owners
         if arg == b"F\0":
             return OK
         overlay = tx.overlay
-        if overlay.conflicts():
+        if not checked and overlay.conflicts():
             raise _err("EAGAIN")
         if not conn.privileged and overlay.owner_delta.get(conn.domid, 0) > 0:
             limit = self.quota("nodes", conn.domid)

@@ -76,6 +76,13 @@ def record_size(value_len: int, perms: Perms, children: Iterable[str]) -> int:
     return 24 + 8 * len(perms) + value_len + sum(len(c) + 1 for c in children)
 
 
+def _copy(node: Node) -> Node:
+    """A transaction's private copy of a live node (a leaf keeps the shared
+    read-only ``NO_CHILDREN``: whoever adds a child swaps in a dict)."""
+    children = node.children
+    return Node(node.value, node.perms, children if children is NO_CHILDREN else dict(children), node.generation)
+
+
 def _split(path: str) -> tuple[str, str]:
     i = path.rfind("/")
     return (path[:i] if i > 0 else "/"), path[i + 1 :]
@@ -302,7 +309,7 @@ class Overlay:
                 seen[path] = nodes[path] = None
             else:
                 seen[path] = node.generation
-                node = nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
+                node = nodes[path] = _copy(node)
                 if self.charge_to:  # memory quota: the copy is charged, unchecked
                     self._charge(node_memory(path, node) + self.tag)
         return node
@@ -316,7 +323,7 @@ class Overlay:
             raise XenStoreError("EAGAIN")
         mine = self.nodes.get(path)
         if mine is None:
-            mine = self.nodes[path] = Node(node.value, node.perms, dict(node.children), node.generation)
+            mine = self.nodes[path] = _copy(node)
             if self.charge_to:  # memory quota
                 self._charge(node_memory(path, mine) + self.tag)
         return mine
@@ -339,6 +346,8 @@ class Overlay:
             parent = self._own(parent_path, self.get(parent_path))
             if self.charge_to and name not in parent.children:  # memory quota: a longer child list
                 self._charge(len(name) + 1)
+            if parent.children is NO_CHILDREN:
+                parent.children = {}
             parent.children[name] = None
             parent.listing = None
             parent.generation = gen
@@ -371,9 +380,10 @@ class Overlay:
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
             if self.charge_to:  # memory quota: the copy goes
                 self._charge(-node_memory(p, n) - self.tag)
-        if self.charge_to and name in parent.children:
-            self._charge(-len(name) - 1)
-        parent.children.pop(name, None)  # absent only if the live tree moved under us
+        if name in parent.children:  # (absent only if the live tree moved under us)
+            if self.charge_to:
+                self._charge(-len(name) - 1)
+            del parent.children[name]
         parent.listing = None
         parent.generation = self.live.generation = self.live.generation + 1
         self.ops.append(("rm", path))

@@ -497,6 +497,8 @@ class XenstoreServer:
         next_packet = client.reader.next_packet
         handle = self.engine.handle
         tracer = self.tracer
+        quick_reply = self.engine.quick_reply
+        quick = conn.privileged and not tracer  # (the short way's replies are not traced)
         replies = client.replies
         # Queue room before the high mark, and replies allowed (unprivileged).
         room = self._queue_high - client.queue.size - client.reply_bytes
@@ -517,11 +519,16 @@ class XenstoreServer:
             if tracer:
                 tracer.packet("IN", conn.id, packet)
             try:
-                deliveries = handle(conn, packet)
+                answer = quick_reply(conn, packet[0], packet[2], packet[3]) if quick else None
+                if answer is None:
+                    deliveries = handle(conn, packet)
             except Exception:  # an engine bug must not take the daemon down
                 log.exception("engine failed on %r", packet)
-                deliveries = [(conn, packet.error_reply("EIO"))]
-            data = None if tracer else _lone_reply(conn, deliveries)
+                answer, deliveries = None, [(conn, packet.error_reply("EIO"))]
+            if answer is not None:
+                data = _pack_header(packet[0], packet[1], packet[2], len(answer)) + answer
+            else:
+                data = None if tracer else _lone_reply(conn, deliveries)
             if data is not None:
                 replies.append(data)
                 room -= len(data)
