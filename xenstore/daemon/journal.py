@@ -208,9 +208,11 @@ class StateDir:
         self.compact_bytes = compact_bytes
         self._fd: int | None = None
         self._map: mmap.mmap | None = None  # the journal file, mapped (see _extend)
+        self._mapped = 0  # its size (0: no journal open)
         self._seq = 0  # number of the journal being appended to
         self._journal_bytes = 0
-        self._snapshot_bytes = 0
+        #: Journal size beyond which it wants compaction (_snapshot_is).
+        self._compact_at = compact_bytes
         #: Frames appended so far (monotonic; group commit compares it).
         self.frames_written = 0
         # One packer for every append, same format as pack_changes (msgpack.packb
@@ -276,7 +278,7 @@ class StateDir:
             raise JournalError(f"{path}: damaged snapshot ({exc})") from None
         if not isinstance(first_seq, int) or first_seq < 0:
             raise JournalError(f"{path}: damaged snapshot (journal number)")
-        self._snapshot_bytes = len(data)
+        self._snapshot_is(len(data))
         return changes, first_seq
 
     def _read_journal(self, seq: int, result: Recovered, strict: bool) -> str | None:
@@ -349,6 +351,8 @@ class StateDir:
         """Room for at least ``needed`` bytes: the file is allocated up to
         the next chunk boundary (an ``ENOSPC`` shows here, as a
         :class:`JournalError`) and mapped whole."""
+        if self._fd is None:
+            raise RuntimeError("journal is not open")
         size = (needed // _CHUNK + 1) * _CHUNK
         try:
             os.posix_fallocate(self._fd, 0, size)
@@ -358,6 +362,7 @@ class StateDir:
                 self._map.resize(size)
         except OSError as exc:
             raise JournalError(f"journal cannot grow: {exc}") from exc
+        self._mapped = size
         # Pages written before stay in the page cache; only the mapping lets
         # go of them (they would count as the daemon's resident memory).
         done = self._journal_bytes // mmap.PAGESIZE * mmap.PAGESIZE
@@ -371,12 +376,10 @@ class StateDir:
         crash of this process.  Raises :class:`JournalError` if the journal
         cannot grow (disk full).
         """
-        if self._fd is None:
-            raise RuntimeError("journal is not open")
         body = self._packer.pack(changes)
         start = self._journal_bytes
         end = start + 8 + len(body)
-        if end > len(self._map):
+        if end > self._mapped:  # (always, while no journal is open)
             self._extend(end)
         mapped = self._map
         # The body first, the header last: a crash in between leaves a zero
@@ -385,7 +388,7 @@ class StateDir:
         mapped[start : start + 8] = _pack_frame_header(len(body), _crc32(body))
         self._journal_bytes = end
         self.frames_written += 1
-        return self._outgrown(end)
+        return end > self._compact_at
 
     def sync(self) -> None:
         """``fdatasync`` the journal (may be called from a worker thread)."""
@@ -409,10 +412,12 @@ class StateDir:
     @property
     def wants_compaction(self) -> bool:
         """The journal outgrew both the threshold and twice the snapshot."""
-        return self._outgrown(self._journal_bytes)
+        return self._journal_bytes > self._compact_at
 
-    def _outgrown(self, journal_bytes: int) -> bool:
-        return journal_bytes > self.compact_bytes and journal_bytes > 2 * self._snapshot_bytes
+    def _snapshot_is(self, snapshot_bytes: int) -> None:
+        """The snapshot now has ``snapshot_bytes``: the journal wants
+        compaction when it outgrows both ``compact_bytes`` and twice that."""
+        self._compact_at = max(self.compact_bytes, 2 * snapshot_bytes)
 
     # -- compaction ------------------------------------------------------
 
@@ -446,7 +451,7 @@ class StateDir:
 
     def finish_compaction(self, first_journal: int, snapshot_bytes: int) -> None:
         """Delete the journals the new snapshot made obsolete."""
-        self._snapshot_bytes = snapshot_bytes
+        self._snapshot_is(snapshot_bytes)
         for seq in self._journal_seqs():
             if seq < first_journal:
                 os.unlink(self._journal_path(seq))
@@ -461,6 +466,7 @@ class StateDir:
             return
         self._fd = None
         try:
+            self._mapped = 0
             if self._map is not None:
                 self._map.close()
                 self._map = None
