@@ -302,7 +302,7 @@ class Engine:
         if op == _TRANSACTION_END and not self.watches.by_path:
             # With no watch anywhere its only output is the reply.
             tx = conn.transactions.get(tx_id)
-            if tx is None or (payload != b"F\0" and (payload != b"T\0" or tx.overlay.conflicts())):
+            if tx is None or (payload != b"F\0" and (payload != b"T\0" or tx.conflicts())):
                 return None  # an error reply: the full way
             return self._end_transaction(conn, tx, payload, checked=True)
         return None
@@ -325,12 +325,11 @@ class Engine:
         path = self._arg_paths.known.get(arg)
         if path is None or len(path) > self.limits.path_max:
             return None
-        overlay = tx.overlay
-        node = overlay.get(path)
+        node = tx.get(path)
         if node is None:
             return None
         if op == _WRITE:
-            overlay.set_value(path, node, payload[i + 1 :])
+            tx.set_value(path, node, payload[i + 1 :])
             tx.firings.append((path, False, ()))  # fired at commit
             return OK
         return node.value if op == _READ else node.children_bytes()
@@ -473,7 +472,7 @@ class Engine:
     # --------------------------------------------------------- node lookup
 
     def _layer(self, tx: Transaction | None) -> Store | Overlay:
-        return self.store if tx is None else tx.overlay
+        return self.store if tx is None else tx
 
     def _path(self, conn: Connection, raw: str) -> str:
         return resolve(raw, conn.home, self.limits.path_max)
@@ -580,7 +579,7 @@ class Engine:
             # dom0 outside a transaction (most writes): one lookup, as _find would do.
             node = layer.nodes.get(path) if conn.privileged else self._find(conn, layer, path, WRITE)
         else:
-            layer = tx.overlay
+            layer = tx
             node = self._find(conn, layer, path, WRITE)
         if node is None:
             self._create(conn, layer, path, value)
@@ -822,15 +821,14 @@ class Engine:
         tx.close()  # memory quota: its records go; a commit charges the owners
         if arg == b"F\0":
             return OK
-        overlay = tx.overlay
-        if not checked and overlay.conflicts():
+        if not checked and tx.conflicts():
             raise _err("EAGAIN")
-        if not conn.privileged and overlay.owner_delta.get(conn.domid, 0) > 0:
+        if not conn.privileged and tx.owner_delta.get(conn.domid, 0) > 0:
             limit = self.quota("nodes", conn.domid)
-            if limit and overlay.owner_count(conn.domid) > limit:
+            if limit and tx.owner_count(conn.domid) > limit:
                 raise _err("ENOSPC")
         if not (tx.firings and self.watches.by_path):
-            overlay.commit()
+            tx.commit()
             return OK
         # cxenstored fires once per node the transaction changed, in order
         # of first change; "exact" (subtree-removal) only if every change of
@@ -846,7 +844,7 @@ class Engine:
                 m[1] = m[1] + extra
         nodes = self.store.nodes
         existed = {path for path in merged if path in nodes}
-        overlay.commit()
+        tx.commit()
         fire = self.watches.fire
         out = self._out
         for path, (exact, extra) in merged.items():

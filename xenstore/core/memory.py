@@ -235,8 +235,7 @@ def recompute(nodes: Mapping[str, "Node"], connections: Iterable["Connection"]) 
     for conn in connections:
         mem = sum(watch_memory(path, token) for path, token in conn.watches)
         for tx in conn.transactions.values():
-            overlay = tx.overlay
-            mem += sum(node_memory(p, n) + overlay.tag for p, n in overlay.nodes.items() if n is not None)
+            mem += sum(node_memory(p, n) + tx.tag for p, n in tx.nodes.items() if n is not None)
         if mem:
             totals[conn.domid] = totals.get(conn.domid, 0) + mem
     return totals

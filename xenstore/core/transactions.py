@@ -1,4 +1,4 @@
-"""Transactions: an id, an overlay view, and the watch firings it defers.
+"""Transactions: an overlay view with an id, and the watch firings it defers.
 
 Isolation and conflict detection are the overlay's job (store.Overlay): the
 commit fails with EAGAIN iff a node the transaction read or wrote -- or the
@@ -17,20 +17,24 @@ from .store import Overlay, Store
 __all__ = ["Transaction", "allocate_id"]
 
 
-class Transaction:
-    __slots__ = ("id", "conn", "overlay", "firings")
+class Transaction(Overlay):
+    """A transaction *is* its overlay view of the store (one object: a
+    transaction is started for a single write more often than not), plus
+    its id, its connection and the watch firings it defers."""
+
+    __slots__ = ("id", "conn", "firings")
 
     def __init__(self, tx_id: int, conn: Connection, store: Store, max_nodes: int) -> None:
+        #: Its node copies are charged to the connection's domain (memory quota).
+        super().__init__(store, max_nodes, conn.domid)
         self.id = tx_id
         self.conn = conn
-        #: Its node copies are charged to the connection's domain (memory quota).
-        self.overlay = Overlay(store, max_nodes, conn.domid)
         #: Deferred watch firings: (path, exact, extra perms visible at the time).
         self.firings: list[tuple[str, bool, tuple[Perms, ...]]] = []
 
     def close(self) -> None:
         """The transaction ended or was dropped: release its memory charge."""
-        self.overlay.release()
+        self.release()
 
 
 def allocate_id(conn: Connection) -> int:
