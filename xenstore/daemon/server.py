@@ -498,7 +498,7 @@ class XenstoreServer:
         handle = self.engine.handle
         tracer = self.tracer
         quick_reply = self.engine.quick_reply
-        quick = conn.privileged and not tracer  # (the short way's replies are not traced)
+        quick = conn.privileged and not tracer  # (with a tracer, every request goes the traced way)
         replies = client.replies
         # Queue room before the high mark, and replies allowed (unprivileged).
         room = self._queue_high - client.queue.size - client.reply_bytes
