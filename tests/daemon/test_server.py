@@ -33,6 +33,41 @@ def test_pipelined_requests_are_answered_in_order(xenstored):
         assert (r.op, r.req_id, r.payload) == (Op.READ, 5000 + i, b"v%d" % i)
 
 
+def test_a_pipelined_run_gets_what_one_request_at_a_time_gets(xenstored):
+    """The daemon answers the first replies of a long pipelined run early
+    (while it works on the rest); own watch events set up midway must still
+    come in order: the run as one chunk gives exactly the packets that the
+    same requests one at a time give."""
+    def run(prefix: bytes) -> list:
+        requests = [Packet(Op.WRITE, i, 0, prefix + b"/k%d\0v%d" % (i % 5, i)) for i in range(20)]
+        requests.append(Packet(Op.WATCH, 20, 0, prefix + b"\0tok\0"))
+        # (each to a node of its own: an event identical to one still queued
+        # is dropped, as cxenstored does, and a run is queued as a whole)
+        requests += [Packet(Op.WRITE, 21 + i, 0, prefix + b"/new%d\0w%d" % (i, i)) for i in range(30)]
+        requests.append(Packet(Op.UNWATCH, 51, 0, prefix + b"\0tok\0"))
+        requests += [Packet(Op.READ, 52 + i, 0, prefix + b"/k%d\0" % (i % 5)) for i in range(20)]
+        return requests
+
+    def packets(c, until: int) -> list:
+        out = []
+        while not out or out[-1].req_id != until or out[-1].op == Op.WATCH_EVENT:
+            out.append(c.read_packet())
+        return out
+
+    one_by_one = xenstored.connect()
+    expected = []
+    for request in run(b"/alone"):
+        one_by_one.send_raw(request.encode())
+        expected += packets(one_by_one, request.req_id)
+    c = xenstored.connect()
+    c.send_raw(b"".join(request.encode() for request in run(b"/piped")))
+    got = packets(c, 71)
+    assert [(p.op, p.req_id, p.payload.replace(b"/piped", b"/alone")) for p in got] == [
+        (p.op, p.req_id, p.payload) for p in expected
+    ]
+    assert sum(p.op == Op.WATCH_EVENT for p in got) == 31  # the initial event, then one per write
+
+
 def test_requests_split_at_every_byte_boundary(xenstored):
     c = xenstored.connect()
     data = Packet(Op.WRITE, 7, 0, b"/split\0value").encode() + Packet(Op.READ, 8, 0, b"/split\0").encode()

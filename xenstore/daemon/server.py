@@ -17,7 +17,10 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
    frame (and, with ``--fsync power``, one ``fdatasync``: a group commit
    covering every reply of every connection of the iteration);
 4. only then queues the replies and events and ``send()``-s each
-   connection's queue in one call.
+   connection's queue in one call.  (A connection served alone gets the
+   replies to the first ``early_replies`` requests of a pipelined run as
+   soon as they are journaled, so that it works on them meanwhile: with
+   the whole run answered in one send, client and daemon took turns.)
 
 While no other trio task is runnable or waiting for I/O (the daemon's
 usual state), the loop waits up to ``linger`` (50 ms, or less if a trio
@@ -187,6 +190,10 @@ class ServerConfig:
     recv_size: int = 64 << 10
     #: At most this many new connections are accepted per iteration.
     accept_batch: int = 64
+    #: A connection served alone in an iteration gets the replies to its
+    #: first this-many pipelined requests as soon as they are ready, so
+    #: that it works on them while the daemon answers the rest.
+    early_replies: int = 16
     #: Seconds the loop waits for the next request in its own epoll before
     #: handing control back to trio (which then waits as long as needed);
     #: only while no other task needs trio, and never past a trio deadline.
@@ -264,6 +271,7 @@ class XenstoreServer:
         self._by_fd: dict[int, _Client] = {}
         self._epoll: Any = None
         self._touched: list[_Client] = []  # clients with output this iteration
+        self._one_ready = False  # this iteration serves a single socket
         #: Lone requests' replies that wait for the iteration's journal write.
         self._after_journal: list[tuple[_Client, bytes]] = []
         self._others: list[tuple[Any, Packet]] = []  # deliveries to other connections
@@ -286,6 +294,7 @@ class XenstoreServer:
         self._readers: dict[int, Callable[[], None]] = {}  # see add_reader
         self._queue_high = self.config.queue_high
         self._recv_size = self.config.recv_size
+        self._early_replies = self.config.early_replies
 
     # -- public ----------------------------------------------------------
 
@@ -368,6 +377,7 @@ class XenstoreServer:
                 for client in runnable:
                     if not client.closed and not client.throttled:
                         self._process(client)
+            self._one_ready = len(events) == 1
             for fd, mask in events:
                 if fd == listener_fd:
                     self._accept(listener)
@@ -499,6 +509,7 @@ class XenstoreServer:
         tracer = self.tracer
         quick_reply = self.engine.quick_reply
         quick = conn.privileged and not tracer  # (with a tracer, every request goes the traced way)
+        early = self._early_replies if quick else 0
         replies = client.replies
         # Queue room before the high mark, and replies allowed (unprivileged).
         room = self._queue_high - client.queue.size - client.reply_bytes
@@ -533,11 +544,26 @@ class XenstoreServer:
                 replies.append(data)
                 room -= len(data)
                 allowed -= 1
+                if len(replies) == early and self._one_ready and self._send_early(client):
+                    replies = client.replies
+                    room = self._queue_high - client.queue.size
                 continue
             before = len(replies)
             room -= self._route(client, packet, deliveries)
             allowed -= len(replies) - before
         client.reply_bytes = self._queue_high - client.queue.size - room
+
+    def _send_early(self, client: _Client) -> bool:
+        """Send the client's replies so far in the middle of its pipelined
+        run (journaling first), if nothing else waits to go out in order
+        before or alongside them; True if sent."""
+        engine = self.engine
+        if client.own_events is not None or client.queue.size or self._others or engine.pending_effects or self._power:
+            return False
+        if engine.store.journal:
+            self._journal(engine.take_changes())
+        self._send_output(client)
+        return True
 
     def _route(self, client: _Client, request: Packet, deliveries: list) -> int:
         """Sort a request's output: replies and own events to the client's
