@@ -545,6 +545,8 @@ class XenstoreServer:
                 room -= len(data)
                 allowed -= 1
                 if len(replies) == early and self._one_ready and self._send_early(client):
+                    if client.closed:  # (the send failed: the rest goes unanswered)
+                        return
                     replies = client.replies
                     room = self._queue_high - client.queue.size
                 continue
