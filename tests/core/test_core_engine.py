@@ -416,7 +416,7 @@ def test_remembered_paths_answer_like_the_full_way(engine, dom0):
     generation = engine.store.nodes["/s/a"].generation
     req(engine, dom0, Op.WRITE, b"/s/a|2")
     assert engine.store.nodes["/s/a"].generation > generation
-    # A watch anywhere: the full way again, which fires it.
+    # A watch covering it: the full way again, which fires it.
     req(engine, dom0, Op.WATCH, b"/s|tok|")
     assert events(req(engine, dom0, Op.WRITE, b"/s/a|3")) == [b"/s/a\0tok\0"]
     # path-max shrinks at run time: a remembered path is checked again.
@@ -468,11 +468,51 @@ def test_remembered_paths_in_dom0_transactions(engine, dom0):
     assert req(engine, dom0, Op.TRANSACTION_END, b"T|", 999) == [(dom0, Op.ERROR, b"ENOENT\0")]
     tx = start()
     assert req(engine, dom0, Op.TRANSACTION_END, b"X|", tx) == [(dom0, Op.ERROR, b"EINVAL\0")]
-    # With a watch somewhere the commit fires it (the full way).
+    # With a watch covering a change the commit fires it (the full way).
     tx = start()
     req(engine, dom0, Op.WATCH, b"/t|w|")
     req(engine, dom0, Op.WRITE, b"/t/a|4", tx)
     assert events(req(engine, dom0, Op.TRANSACTION_END, b"T|", tx)) == [b"/t/a\0w\0"]
+
+
+def test_short_ways_skip_only_changes_no_watch_covers(engine, dom0):
+    """Real stores always hold watches (@introduceDomain, backends' own):
+    a WRITE or a commit takes the short way when no watch covers the
+    changed path, and the full way -- firing -- as soon as one does, also
+    when the watch came after the path was found uncovered."""
+    watcher = engine.connect()
+    req(engine, watcher, Op.WATCH, b"@introduceDomain|i|")
+    req(engine, watcher, Op.WATCH, b"/other|o|")
+    req(engine, watcher, Op.WATCH, b"/w/a/deeper|d|")  # below, not above: a write to /w/a does not fire it
+    req(engine, dom0, Op.WRITE, b"/w/a|1")
+    req(engine, dom0, Op.READ, b"/w/a|")  # remembered
+    assert engine.quick_reply(dom0, Op.WRITE, 0, b"/w/a\x002") == b"OK\0"
+    assert engine.store.nodes["/w/a"].value == b"2"
+
+    def commit_one(value: bytes):
+        [(_, _, tx)] = req(engine, dom0, Op.TRANSACTION_START, b"|")
+        tx = int(tx.rstrip(b"\0"))
+        assert engine.quick_reply(dom0, Op.WRITE, tx, b"/w/a\0" + value) == b"OK\0"
+        return engine.quick_reply(dom0, Op.TRANSACTION_END, tx, b"T\0"), tx
+
+    assert commit_one(b"3")[0] == b"OK\0"
+    assert engine.store.nodes["/w/a"].value == b"3"
+    # A watch on an ancestor now: the short ways step aside, the full way fires.
+    req(engine, watcher, Op.WATCH, b"/w|w|")
+    assert engine.quick_reply(dom0, Op.WRITE, 0, b"/w/a\x004") is None
+    assert engine.store.nodes["/w/a"].value == b"3"  # (nothing done)
+    assert events(req(engine, dom0, Op.WRITE, b"/w/a|4"), watcher) == [b"/w/a\0w\0"]
+    answer, tx = commit_one(b"5")
+    assert answer is None and tx in dom0.transactions  # (nothing done)
+    assert events(req(engine, dom0, Op.TRANSACTION_END, b"T|", tx), watcher) == [b"/w/a\0w\0"]
+    assert engine.quick_reply(dom0, Op.TRANSACTION_START, 0, b"\0") is not None  # aborts never fire
+    [tx] = [t for t in dom0.transactions]
+    assert engine.quick_reply(dom0, Op.TRANSACTION_END, tx, b"F\0") == b"OK\0"
+    # The watch goes: short ways again.
+    req(engine, watcher, Op.UNWATCH, b"/w|w|")
+    assert engine.quick_reply(dom0, Op.WRITE, 0, b"/w/a\x006") == b"OK\0"
+    assert commit_one(b"7")[0] == b"OK\0"
+    assert engine.store.nodes["/w/a"].value == b"7"
 
 
 def test_quick_reply_answers_only_what_handle_would_answer_alone(engine, dom0):

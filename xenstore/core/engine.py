@@ -90,6 +90,8 @@ _DIRECTORY = int(Op.DIRECTORY)
 _WRITE = int(Op.WRITE)
 _TRANSACTION_START = int(Op.TRANSACTION_START)
 _TRANSACTION_END = int(Op.TRANSACTION_END)
+#: Paths remembered as covered by no watch (then the memo starts afresh).
+_UNWATCHED_MEMO = 4096
 
 
 def _err(name: str) -> XenStoreError:
@@ -172,6 +174,8 @@ class Engine:
         self._out: list[Delivery] = []
         self._after: list[Delivery] = []
         self._arg_paths = ArgumentPaths()
+        #: Paths no watch covers -> the watch registry's version then.
+        self._unwatched_at: dict[str, int] = {}
         self._dispatch: dict[int, tuple[Callable, int]] = {
             Op.CONTROL: (self._control, PRIV),
             Op.DIRECTORY: (self._directory, 0),
@@ -280,10 +284,10 @@ class Engine:
         layer may call it directly to save building packets.)
 
         The short ways: most requests are dom0 reading or writing a node,
-        done from a remembered path and one lookup, and dom0's transactions
-        while no watch is set.  Anything else (first sight of the path, a
-        missing node, a watched store, a conflict...) goes the full way, to
-        the same outcome.
+        done from a remembered path and one lookup, and dom0's transactions.
+        Anything else (first sight of the path, a missing node, a change a
+        watch would see, a conflict...) goes the full way, to the same
+        outcome.
         """
         if not conn.privileged or (self._held and conn in self._held):
             return None
@@ -299,13 +303,36 @@ class Engine:
             return self._dom0_in_transaction(conn, op, tx_id, payload) if tx_id else self._dom0_write(payload)
         if op == _TRANSACTION_START:
             return None if tx_id else self._open_transaction(conn, 0)  # (dom0 has no quota: cannot fail)
-        if op == _TRANSACTION_END and not self.watches.by_path:
-            # With no watch anywhere its only output is the reply.
+        if op == _TRANSACTION_END:
             tx = conn.transactions.get(tx_id)
-            if tx is None or (payload != b"F\0" and (payload != b"T\0" or tx.conflicts())):
-                return None  # an error reply: the full way
+            if tx is None or (payload != b"F\0" and (payload != b"T\0" or tx.conflicts() or not self._fires_nothing(tx))):
+                return None  # an error reply or watch events: the full way
             return self._end_transaction(conn, tx, payload, checked=True)
         return None
+
+    def _unwatched(self, path: str) -> bool:
+        """No watch covers ``path``: a change there fires nothing.  (The
+        answer is remembered per path while the watches stay the same.)"""
+        watches = self.watches
+        if not watches.by_path:
+            return True
+        known = self._unwatched_at
+        if known.get(path) == watches.version:
+            return True
+        if watches.covers(path):
+            return False
+        if len(known) >= _UNWATCHED_MEMO:
+            known.clear()
+        known[path] = watches.version
+        return True
+
+    def _fires_nothing(self, tx: Transaction) -> bool:
+        """Committing ``tx`` fires no watch."""
+        if self.watches.by_path:
+            for path, _, _ in tx.firings:
+                if not self._unwatched(path):
+                    return False
+        return True
 
     def _dom0_in_transaction(self, conn: Connection, op: int, tx_id: int, payload: bytes) -> bytes | None:
         """The short way of a privileged READ, DIRECTORY or WRITE inside a
@@ -336,16 +363,16 @@ class Engine:
 
     def _dom0_write(self, payload: bytes) -> bytes | None:
         """A privileged WRITE outside a transaction to an existing dom0-owned
-        node whose path was seen before, with no watch anywhere: done, ``OK``.
+        node whose path was seen before and that no watch covers: done, ``OK``.
         Otherwise ``None`` and nothing changed (take the full way)."""
         i = payload.find(b"\0")
-        if i < 0 or self.watches.by_path:
+        if i < 0:
             return None
         path = self._arg_paths.known.get(payload[: i + 1])
         if path is None or len(path) > self.limits.path_max:
             return None
         node = self.store.nodes.get(path)
-        if node is None or node.perms.owner:  # (a guest's node: its memory quota has a say)
+        if node is None or node.perms.owner or not self._unwatched(path):  # (a guest's node: its memory quota has a say)
             return None
         self.store.set_value(path, node, payload[i + 1 :])
         return OK
@@ -816,7 +843,8 @@ class Engine:
 
     def _end_transaction(self, conn: Connection, tx: Transaction, arg: bytes, *, checked: bool = False) -> bytes:
         """Commit (``arg`` b"T\\0") or abort ``tx``; it is gone either way.
-        ``checked``: the caller has just found it free of conflicts."""
+        ``checked``: the caller has just found it free of conflicts and of
+        watches to fire."""
         del conn.transactions[tx.id]
         tx.close()  # memory quota: its records go; a commit charges the owners
         if arg == b"F\0":
@@ -827,7 +855,7 @@ class Engine:
             limit = self.quota("nodes", conn.domid)
             if limit and tx.owner_count(conn.domid) > limit:
                 raise _err("ENOSPC")
-        if not (tx.firings and self.watches.by_path):
+        if checked or not (tx.firings and self.watches.by_path):
             tx.commit()
             return OK
         # cxenstored fires once per node the transaction changed, in order

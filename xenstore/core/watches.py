@@ -55,12 +55,15 @@ class Watch:
 class WatchRegistry:
     """All watches of all connections, by resolved path."""
 
-    __slots__ = ("by_path", "_count", "_seq", "memory")
+    __slots__ = ("by_path", "version", "_count", "_seq", "memory")
 
     def __init__(self, memory: MemoryLedger | None = None) -> None:
         #: resolved path -> watches on it (read-only outside this class; an
         #: empty dict means "nothing to fire", checked on the hot path).
         self.by_path: dict[str, list[Watch]] = {}
+        #: Bumped whenever a watch comes or goes (what :meth:`covers` said
+        #: of a path holds while this stays the same).
+        self.version = 0
         self._count = 0
         self._seq = 0
         #: Memory quota: each watch is charged to its connection's domain.
@@ -72,6 +75,7 @@ class WatchRegistry:
     def add(self, conn: Connection, path: str, token: bytes, relative: bool) -> Watch:
         """Register (caller checked EEXIST and quota)."""
         self._seq += 1
+        self.version += 1
         watch = Watch(conn, path, token, relative, self._seq)
         self.by_path.setdefault(path, []).append(watch)
         conn.watches[(path, token)] = watch
@@ -85,6 +89,7 @@ class WatchRegistry:
         if lst is None or watch not in lst:
             return  # idempotent
         lst.remove(watch)
+        self.version += 1
         if not lst:
             del self.by_path[watch.path]
         watch.conn.watches.pop((watch.path, watch.token), None)
@@ -98,6 +103,19 @@ class WatchRegistry:
 
     def is_watched(self, path: str) -> bool:
         return path in self.by_path
+
+    def covers(self, path: str) -> bool:
+        """Is there a watch on ``path`` or on one of its ancestors (one that
+        a change at ``path``, or its removal, may fire)?"""
+        by_path = self.by_path
+        p = path
+        while True:
+            if p in by_path:
+                return True
+            if p == "/":
+                return False
+            i = p.rfind("/")
+            p = p[:i] if i > 0 else "/"
 
     def fire(
         self,
