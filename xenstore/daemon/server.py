@@ -372,12 +372,12 @@ class XenstoreServer:
                 next_checkpoint = _monotonic() + _CHECKPOINT_INTERVAL
                 continue
             runnable = self._runnable
+            self._one_ready = len(events) == 1 and not runnable
             if runnable:
                 self._runnable = []
                 for client in runnable:
                     if not client.closed and not client.throttled:
                         self._process(client)
-            self._one_ready = len(events) == 1
             for fd, mask in events:
                 if fd == listener_fd:
                     self._accept(listener)
