@@ -16,7 +16,8 @@ nodes.  Columns: ours / theirs / ratio (ours/theirs; for memory, lower is
 better), then each daemon's CPU time per operation in microseconds (from
 /proc/PID/schedstat over the measured window; a TX is one operation of
 three requests).  Throughputs are the best of --repeat runs, the daemons taking
-turns run by run, because a shared machine is noisy.  The client is stdlib + xenstore.wire; each connection runs in its
+turns run by run, because a shared machine is noisy; the last column is the
+ratio of the two daemons' median runs.  The client is stdlib + xenstore.wire; each connection runs in its
 own process so the client is not the bottleneck.  Everything written lives
 under /bench-* and is removed at the end.
 """
@@ -28,6 +29,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -219,10 +221,13 @@ def cleanup(path: str) -> None:
             c.call(Op.RM, b"/" + name + b"\0")
 
 
-def run_suite(paths: list[str], args) -> list[tuple[str, list[float], list[float] | None]]:
+Row = tuple[str, list[float], "list[float] | None", "list[float] | None"]  # label, best, CPU us/op, median
+
+
+def run_suite(paths: list[str], args) -> list[Row]:
     """Every measurement, each one on every daemon in turn (so that a noisy
     moment on a shared machine hits all columns alike)."""
-    rows: list[tuple[str, list[float], list[float] | None]] = []
+    rows: list[Row] = []
 
     def row(label: str, measure_one) -> None:
         if args.only and not any(word in label for word in args.only):
@@ -231,14 +236,16 @@ def run_suite(paths: list[str], args) -> list[tuple[str, list[float], list[float
         # machine the best run is the one least disturbed by others.
         # The daemon's CPU per op (the least of the runs) is the steadier
         # figure when others load the machine.
-        values = [0.0] * len(paths)
+        # The median shows how far the best run is from the usual one.
+        rates: list[list[float]] = [[] for _ in paths]
         cpus = [float("inf")] * len(paths)
         for _ in range(args.repeat):
             for i, path in enumerate(paths):
                 rate, cpu = measure_one(path)
-                values[i] = max(values[i], rate)
+                rates[i].append(rate)
                 cpus[i] = min(cpus[i], cpu)
-        rows.append((label, values, cpus))
+        values = [max(r) for r in rates]
+        rows.append((label, values, cpus, [statistics.median(r) for r in rates]))
         print(f"  {label:34} " + " ".join(f"{v:12,.1f}" for v in values + cpus), file=sys.stderr, flush=True)
 
     for phase in ("write", "read", "dir", "tx"):
@@ -254,8 +261,8 @@ def run_suite(paths: list[str], args) -> list[tuple[str, list[float], list[float
     row("WRITE 1 conn seq, 0 watches", lambda path: measure_watches(path, args.ops, 0))
     row(f"WRITE 1 conn seq, {args.watches // 1000}k watches", lambda path: measure_watches(path, args.ops, args.watches))
     memory = [measure_memory(path, args.nodes) for path in paths]
-    rows.append((f"RSS MiB after {args.nodes:,} nodes", [m[0] for m in memory], None))
-    rows.append((f"RSS growth MiB for {args.nodes:,} nodes", [m[1] for m in memory], None))
+    rows.append((f"RSS MiB after {args.nodes:,} nodes", [m[0] for m in memory], None, None))
+    rows.append((f"RSS growth MiB for {args.nodes:,} nodes", [m[1] for m in memory], None, None))
     for path in paths:
         cleanup(path)
     return rows
@@ -325,9 +332,9 @@ def main() -> int:
     header = f"{'benchmark':40} {'ours':>12}"
     if len(paths) > 1:
         header += f" {'theirs':>12} {'ratio':>7}"
-    header += f" {'ours us/op':>11}" + (f" {'theirs us/op':>13}" if len(paths) > 1 else "")
+    header += f" {'ours us/op':>11}" + (f" {'theirs us/op':>13} {'ratio of medians':>17}" if len(paths) > 1 else "")
     print(header)
-    for label, values, cpus in rows:
+    for label, values, cpus, medians in rows:
         fmt = "{:12,.1f}" if "MiB" in label else "{:12,.0f}"
         line = f"{label:40} {fmt.format(values[0])}"
         if len(values) > 1:
@@ -335,6 +342,8 @@ def main() -> int:
             line += f" {fmt.format(values[1])} {ratio:7.2f}"
         if cpus is not None:
             line += f" {cpus[0]:11.1f}" + (f" {cpus[1]:13.1f}" if len(cpus) > 1 else "")
+        if medians is not None and len(medians) > 1 and medians[1]:
+            line += f" {medians[0] / medians[1]:17.2f}"
         print(line)
     return 0
 
