@@ -36,7 +36,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
 
 from xenstore.wire import HEADER, Op  # noqa: E402
 
@@ -273,7 +274,8 @@ def run_suite(paths: list[str], args) -> list[Row]:
 
 def start_ours(tmp: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     path = os.path.join(tmp, "ours.sock")
-    env = dict(os.environ, XENSTORED_PATH=path)
+    # This checkout's daemon, wherever the script is run from.
+    env = dict(os.environ, XENSTORED_PATH=path, PYTHONPATH=os.pathsep.join(filter(None, (_REPO, os.environ.get("PYTHONPATH")))))
     cmd = [sys.executable, "-m", "xenstore.daemon.main", "-N", "--state-dir", os.path.join(tmp, "state"), *extra]
     proc = subprocess.Popen(cmd, env=env)
     _wait_socket(path, proc)
