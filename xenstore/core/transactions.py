@@ -32,9 +32,8 @@ class Transaction(Overlay):
         #: Deferred watch firings: (path, exact, extra perms visible at the time).
         self.firings: list[tuple[str, bool, tuple[Perms, ...]]] = []
 
-    def close(self) -> None:
-        """The transaction ended or was dropped: release its memory charge."""
-        self.release()
+    #: The transaction ended or was dropped: release its memory charge.
+    close = Overlay.release
 
 
 def allocate_id(conn: Connection) -> int:
