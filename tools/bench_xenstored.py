@@ -15,7 +15,8 @@ unrelated watches registered vs none; resident memory after writing 100,000
 nodes.  Columns: ours / theirs / ratio (ours/theirs; for memory, lower is
 better), then each daemon's CPU time per operation in microseconds (from
 /proc/PID/schedstat over the measured window; a TX is one operation of
-three requests).  Throughputs are the best of --repeat runs, the daemons taking
+three requests: three round trips one-at-a-time, the WRITE and END of 32
+transactions sent together when pipelined).  Throughputs are the best of --repeat runs, the daemons taking
 turns run by run, because a shared machine is noisy; the last column is the
 ratio of the two daemons' median runs.  The client is stdlib + xenstore.wire; each connection runs in its
 own process so the client is not the bottleneck.  Everything written lives
@@ -96,7 +97,16 @@ def _run_ops(c: Client, phase: str, nops: int, depth: int, base: bytes) -> int:
     done = 0
     while done < nops:
         n = min(depth, nops - done)
-        if phase == "tx":
+        if phase == "tx" and depth == 1:
+            # One request at a time: three round trips per transaction.
+            op, payload = c.call(Op.TRANSACTION_START, b"\0")
+            if op == Op.ERROR:
+                errors += 1
+            else:
+                tx = int(payload.rstrip(b"\0"))
+                errors += c.call(Op.WRITE, _key(base, done) + VALUE, tx)[0] == Op.ERROR
+                errors += c.call(Op.TRANSACTION_END, b"T\0", tx)[0] == Op.ERROR
+        elif phase == "tx":
             c.sock.sendall(b"".join(c.request(Op.TRANSACTION_START, b"\0") for _ in range(n)))
             ids = []
             for op, payload in c.replies(n):
