@@ -53,6 +53,7 @@ from pathlib import Path
 import trio
 
 from ringbuf.evtchn import EventChannel, new_eventfd
+from ringbuf.hypervisor.main import service_process
 from ringbuf.hypervisor.mapping import map_frames
 from ringbuf.layouts.blkif import BLKIF_OP_WRITE, BLKIF_RING, BlkifRequest, BlkifResponse
 from ringbuf.memory import PAGE_SIZE, DomainMemory, create_memfd
@@ -457,21 +458,8 @@ def copy_free_blkif_granted(n: int, spin_s: float) -> dict:
     the ring page and the data pages are real grants, mapped with map_grants."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "hv.sock")
-        ready_r, ready_w = os.pipe()
-        service = subprocess.Popen(
-            [sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", path, "--ready-fd", str(ready_w)],
-            pass_fds=[ready_w],
-        )
-        os.close(ready_w)
-        try:
-            ready = os.read(ready_r, 1)
-            os.close(ready_r)
-            if ready != b"1":
-                raise RuntimeError("hypervisor service did not start")
+        with service_process(path):
             return trio.run(_granted_backend, path, n, spin_s)
-        finally:
-            service.terminate()
-            service.wait(timeout=10)
 
 
 async def _granted_backend(path: str, n: int, spin_s: float) -> dict:
