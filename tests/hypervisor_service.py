@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
-from ringbuf.hypervisor.main import service_process as hypervisor_service
+import os
+import socket
+import subprocess
+from contextlib import contextmanager
+from typing import Iterator
 
-__all__ = ["hypervisor_service"]
+from xenbus.toolstack.localhost import LocalHost
+
+
+@contextmanager
+def hypervisor_service(path: str) -> Iterator[subprocess.Popen]:
+    """A ``uxen-hypervisor`` listening on ``path``, ready to accept, started
+    the way every host starts it (its log beside the socket); stopped
+    (SIGTERM, then SIGKILL after 5 s) when the block ends."""
+    host = LocalHost(os.path.dirname(path))
+    proc = host.start_daemon("hypervisor", ["ringbuf.hypervisor.main", "--socket", path], path, socket.SOCK_SEQPACKET)
+    try:
+        yield proc
+    finally:
+        host.stop_daemon("hypervisor")

@@ -53,11 +53,11 @@ from pathlib import Path
 import trio
 
 from ringbuf.evtchn import EventChannel, new_eventfd
-from ringbuf.hypervisor.main import service_process
 from ringbuf.hypervisor.mapping import map_frames
 from ringbuf.layouts.blkif import BLKIF_OP_WRITE, BLKIF_RING, BlkifRequest, BlkifResponse
 from ringbuf.memory import PAGE_SIZE, DomainMemory, create_memfd
 from ringbuf.ring import define_ring_types
+from xenbus.toolstack.localhost import LocalHost
 
 MSG_SIZE = 64
 THROUGHPUT_PAGES = 16
@@ -458,8 +458,12 @@ def copy_free_blkif_granted(n: int, spin_s: float) -> dict:
     the ring page and the data pages are real grants, mapped with map_grants."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "hv.sock")
-        with service_process(path):
+        host = LocalHost(tmp)
+        host.start_daemon("hypervisor", ["ringbuf.hypervisor.main", "--socket", path], path, socket.SOCK_SEQPACKET)
+        try:
             return trio.run(_granted_backend, path, n, spin_s)
+        finally:
+            host.close()
 
 
 async def _granted_backend(path: str, n: int, spin_s: float) -> dict:

@@ -1,16 +1,11 @@
-"""``uxen-hypervisor --socket PATH``: run the hypervisor service (also as
-a child process of the caller: :func:`service_process`)."""
+"""``uxen-hypervisor --socket PATH``: run the hypervisor service."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import resource
-import subprocess
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
 import trio
 
@@ -55,32 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"uxen-hypervisor: {args.socket}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
-
-
-@contextmanager
-def service_process(path: str) -> Iterator[subprocess.Popen]:
-    """``uxen-hypervisor --socket path`` as a child process, listening when
-    the block starts (``RuntimeError`` if it could not start); stopped
-    (SIGTERM, then SIGKILL after 10 s) when the block ends."""
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ringbuf.hypervisor.main", "--socket", path, "--ready-fd", str(write_end)],
-        pass_fds=[write_end],
-    )
-    os.close(write_end)
-    try:
-        ready = os.read(read_end, 1)  # EOF if the service died first
-        os.close(read_end)
-        if ready != b"1":
-            raise RuntimeError(f"uxen-hypervisor did not start (exit status {proc.wait()})")
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 if __name__ == "__main__":
