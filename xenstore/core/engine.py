@@ -618,10 +618,7 @@ class Engine:
             if node.perms.owner if tx is None else layer.charge_to:  # memory quota (dom0 is exempt)
                 self._check_memory(layer, node.perms.owner, len(value) - len(node.value))
             layer.put(path, value, node.perms)
-        if tx is not None:
-            tx.firings.append((path, False, ()))  # _fire, inline: every write in a transaction
-        elif self.watches.by_path:
-            self._fire(None, path)
+        self._fire(tx, path)
         return OK
 
     def _create(self, conn: Connection, layer, path: str, value: bytes) -> None:

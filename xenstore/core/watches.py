@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 from ..wire import PAYLOAD_MAX, Op, Packet
 from .connection import Connection
 from .memory import MemoryLedger, watch_memory
+from .paths import ancestors
 from .perms import READ, Perms
 
 __all__ = ["Watch", "WatchRegistry"]
@@ -108,14 +109,7 @@ class WatchRegistry:
         """Is there a watch on ``path`` or on one of its ancestors (one that
         a change at ``path``, or its removal, may fire)?"""
         by_path = self.by_path
-        p = path
-        while True:
-            if p in by_path:
-                return True
-            if p == "/":
-                return False
-            i = p.rfind("/")
-            p = p[:i] if i > 0 else "/"
+        return path in by_path or any(p in by_path for p in ancestors(path))
 
     def fire(
         self,
