@@ -295,8 +295,8 @@ class Engine:
             if tx_id:
                 answer = self._dom0_in_transaction(conn, op, tx_id, payload)
             else:
-                path = self._arg_paths.known.get(payload)
-                node = self.store.nodes.get(path) if path is not None and len(path) <= self.limits.path_max else None
+                path = self._arg_paths.remembered(payload, self.limits.path_max)
+                node = None if path is None else self.store.nodes.get(path)
                 answer = None if node is None else node.value if op == _READ else node.children_bytes()
             return answer if answer is not None and len(answer) <= PAYLOAD_MAX else None
         if op == _WRITE:
@@ -349,8 +349,8 @@ class Engine:
             arg = payload[: i + 1]
         else:
             arg = payload
-        path = self._arg_paths.known.get(arg)
-        if path is None or len(path) > self.limits.path_max:
+        path = self._arg_paths.remembered(arg, self.limits.path_max)
+        if path is None:
             return None
         node = tx.get(path)
         if node is None:
@@ -368,8 +368,8 @@ class Engine:
         i = payload.find(b"\0")
         if i < 0:
             return None
-        path = self._arg_paths.known.get(payload[: i + 1])
-        if path is None or len(path) > self.limits.path_max:
+        path = self._arg_paths.remembered(payload[: i + 1], self.limits.path_max)
+        if path is None:
             return None
         node = self.store.nodes.get(path)
         if node is None or node.perms.owner or not self._unwatched(path):  # (a guest's node: its memory quota has a say)

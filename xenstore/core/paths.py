@@ -96,23 +96,28 @@ class ArgumentPaths:
     MAX_KEY = 256
 
     def __init__(self, capacity: int = 4096) -> None:
-        #: argument -> path (read-only outside; callers checking a hit
-        #: themselves must also check the length against path_max).
+        #: argument -> path (read-only outside: ask :meth:`remembered`).
         self.known: dict[bytes, str] = {}
         self._capacity = capacity
+
+    def remembered(self, arg: bytes, path_max: int) -> str | None:
+        """The path ``arg`` was resolved to before, if it is still within
+        ``path_max``; else ``None`` (:meth:`resolve` it)."""
+        path = self.known.get(arg)
+        return path if path is not None and len(path) <= path_max else None
 
     def resolve(self, arg: bytes, home: str, path_max: int) -> str:
         """The canonical path of ``arg``, which must be one NUL-terminated
         string (cxenstored ``onearg``); ``EINVAL`` otherwise and as
         :func:`resolve`."""
-        known = self.known
-        path = known.get(arg)
-        if path is not None and len(path) <= path_max:
+        path = self.remembered(arg, path_max)
+        if path is not None:
             return path
         if not arg or arg.find(b"\0") != len(arg) - 1:
             raise XenStoreError("EINVAL")
         path = resolve(arg[:-1].decode("latin-1"), home, path_max)
         if arg[:1] == b"/" and len(arg) <= self.MAX_KEY:
+            known = self.known
             if len(known) >= self._capacity:
                 known.clear()
             known[arg] = path
