@@ -467,21 +467,8 @@ class XenstoreServer:
         at once, after journaling what the request changed (with
         ``--fsync power``: after the iteration's group commit); other output
         takes the way of ``_process``."""
-        conn = client.conn
         engine = self.engine
-        op = packet[0]
-        tx_id = packet[2]
-        try:
-            answer = engine.quick_reply(conn, op, tx_id, packet[3])
-            if answer is None:
-                deliveries = engine.handle(conn, packet)
-        except Exception:  # an engine bug must not take the daemon down
-            log.exception("engine failed on %r", packet)
-            answer, deliveries = None, [(conn, packet.error_reply("EIO"))]
-        if answer is not None:
-            data = _pack_header(op, packet[1], tx_id, len(answer)) + answer
-        else:
-            data = _lone_reply(conn, deliveries)
+        data, deliveries = self._answer(client.conn, packet, True)
         if data is not None and not engine.pending_effects:
             if engine.store.journal:
                 if self._power:  # sent after the iteration's group commit
@@ -505,9 +492,8 @@ class XenstoreServer:
             self._touched.append(client)
         conn = client.conn
         next_packet = client.reader.next_packet
-        handle = self.engine.handle
         tracer = self.tracer
-        quick_reply = self.engine.quick_reply
+        answer = self._answer
         quick = conn.privileged and not tracer  # (with a tracer, every request goes the traced way)
         early = self._early_replies if quick else 0
         replies = client.replies
@@ -529,17 +515,7 @@ class XenstoreServer:
                 break
             if tracer:
                 tracer.packet("IN", conn.id, packet)
-            try:
-                answer = quick_reply(conn, packet[0], packet[2], packet[3]) if quick else None
-                if answer is None:
-                    deliveries = handle(conn, packet)
-            except Exception:  # an engine bug must not take the daemon down
-                log.exception("engine failed on %r", packet)
-                answer, deliveries = None, [(conn, packet.error_reply("EIO"))]
-            if answer is not None:
-                data = _pack_header(packet[0], packet[1], packet[2], len(answer)) + answer
-            else:
-                data = None if tracer else _lone_reply(conn, deliveries)
+            data, deliveries = answer(conn, packet, quick)
             if data is not None:
                 replies.append(data)
                 room -= len(data)
@@ -554,6 +530,22 @@ class XenstoreServer:
             room -= self._route(client, packet, deliveries)
             allowed -= len(replies) - before
         client.reply_bytes = self._queue_high - client.queue.size - room
+
+    def _answer(self, conn: Any, packet: Packet, quick: bool) -> tuple[bytes | None, list | None]:
+        """Run one request through the engine (its short way first if
+        ``quick``): ``(encoded reply, None)`` if the reply is its whole
+        output, else ``(None, deliveries)`` (always with a tracer, which
+        logs every delivery)."""
+        engine = self.engine
+        try:
+            reply = engine.quick_reply(conn, packet[0], packet[2], packet[3]) if quick else None
+            if reply is not None:
+                return _pack_header(packet[0], packet[1], packet[2], len(reply)) + reply, None
+            deliveries = engine.handle(conn, packet)
+        except Exception:  # an engine bug must not take the daemon down
+            log.exception("engine failed on %r", packet)
+            deliveries = [(conn, packet.error_reply("EIO"))]
+        return (None if self.tracer else _lone_reply(conn, deliveries)), deliveries
 
     def _send_early(self, client: _Client) -> bool:
         """Send the client's replies so far in the middle of its pipelined
