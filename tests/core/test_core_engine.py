@@ -100,6 +100,10 @@ def test_apply_rejects_orphans_and_ignores_rm_of_missing():
     store.apply(("rm", "/missing"))
     with pytest.raises(ValueError):
         store.apply(("bogus",))
+    with pytest.raises(ValueError):
+        store.apply(b"/missing\0value")  # a new value for a node that is not there
+    store.apply(b"/tool\0value")
+    assert store.nodes["/tool"].value == b"value" and store.nodes["/tool"].perms.strings == ("n0",)
 
 
 # -- watch events -----------------------------------------------------------------
@@ -412,7 +416,7 @@ def test_remembered_paths_answer_like_the_full_way(engine, dom0):
     engine.take_changes()
     again = [req(engine, dom0, Op.WRITE, b"/s/a|1"), req(engine, dom0, Op.READ, b"/s/a|"), req(engine, dom0, Op.DIRECTORY, b"/s|")]
     assert again == first == [[(dom0, Op.WRITE, b"OK\0")], [(dom0, Op.READ, b"1")], [(dom0, Op.DIRECTORY, b"a\0")]]
-    assert engine.take_changes() == [("set", "/s/a", b"1", ["n0"])]
+    assert engine.take_changes() == [b"/s/a\x001"]  # (the full way's record of a new value, too)
     generation = engine.store.nodes["/s/a"].generation
     req(engine, dom0, Op.WRITE, b"/s/a|2")
     assert engine.store.nodes["/s/a"].generation > generation
@@ -454,7 +458,7 @@ def test_remembered_paths_in_dom0_transactions(engine, dom0):
     assert req(engine, dom0, Op.READ, b"/t/a|") == [(dom0, Op.READ, b"1")]  # isolated
     assert engine.take_changes() == []
     assert req(engine, dom0, Op.TRANSACTION_END, b"T|", tx) == [(dom0, Op.TRANSACTION_END, b"OK\0")]
-    assert engine.take_changes() == [("set", "/t/a", b"2", ["n0"])]
+    assert engine.take_changes() == [b"/t/a\x002"]
     assert req(engine, dom0, Op.READ, b"/t/a|") == [(dom0, Op.READ, b"2")]
 
     # A conflicting outside write: EAGAIN, nothing committed.
@@ -525,7 +529,7 @@ def test_quick_reply_answers_only_what_handle_would_answer_alone(engine, dom0):
     assert engine.quick_reply(dom0, Op.READ, 0, b"/q/a\0") == b"1"
     assert engine.quick_reply(dom0, Op.DIRECTORY, 0, b"/q\0") == b"a\0"
     assert engine.quick_reply(dom0, Op.WRITE, 0, b"/q/a\0" + b"2") == b"OK\0"
-    assert engine.take_changes() == [("set", "/q/a", b"2", ["n0"])]
+    assert engine.take_changes() == [b"/q/a\x002"]
     assert engine.quick_reply(dom0, Op.GET_PERMS, 0, b"/q/a\0") is None
     assert engine.quick_reply(dom0, Op.READ, 77, b"/q/a\0") is None  # no such transaction
     guest = engine.connect(5, privileged=False)

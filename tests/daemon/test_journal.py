@@ -25,7 +25,13 @@ perms = st.lists(st.sampled_from(["n0", "r5", "w7", "b3", "n32752"]), min_size=1
 changes = st.one_of(
     st.tuples(st.just("set"), paths, st.binary(max_size=64), perms),
     st.tuples(st.just("rm"), paths),
+    st.builds(lambda p, v: p.encode() + b"\0" + v, paths, st.binary(max_size=64)),  # a value record
 )
+
+
+def _as_read(change):
+    """A change as recovery gives it back (lists come back as tuples)."""
+    return change if isinstance(change, bytes) else tuple(change)
 batches = st.lists(st.lists(changes, min_size=1, max_size=5), max_size=8)
 
 
@@ -65,10 +71,20 @@ def test_decode_stops_exactly_at_the_damage(bodies, data):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(changes, max_size=10))
 def test_changes_round_trip(items):
-    assert unpack_changes(pack_changes(items)) == [tuple(c) for c in items]
+    assert unpack_changes(pack_changes(items)) == [_as_read(c) for c in items]
 
 
-@pytest.mark.parametrize("garbage", [b"\xc1", b"\x91\x92\xa3set\xa1a", b"\x81\xa1a\x01", b"\x91\x91\xa3bad"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\xc1",
+        b"\x91\x92\xa3set\xa1a",
+        b"\x81\xa1a\x01",
+        b"\x91\x91\xa3bad",
+        b"\x91\xc4\x02/a",  # a value record without its NUL
+        b"\x91\xc4\x04/\xe9\x00v",  # a value record whose path is not ASCII
+    ],
+)
 def test_unpack_rejects_garbage(garbage):
     with pytest.raises(ValueError):
         unpack_changes(garbage)
@@ -95,7 +111,7 @@ def test_torn_tail_drops_only_the_torn_record(tmp_path_factory, bs, data):
     os.truncate(journal, cut)
     rec = StateDir(d).recover()
     n = len(rec.batches)
-    assert rec.batches == [[tuple(c) for c in b] for b in bs[:n]]
+    assert rec.batches == [[_as_read(c) for c in b] for b in bs[:n]]
     complete = [len(JOURNAL_MAGIC) + sum(len(encode_frame(pack_changes(b))) for b in bs[:k]) for k in range(len(bs) + 1)]
     assert cut in complete or rec.problems  # a cut inside a frame is reported
     assert n == max(k for k, end in enumerate(complete) if end <= cut)
@@ -231,4 +247,4 @@ def test_a_full_disk_is_an_append_error_and_loses_nothing_appended(small_disk):
     sd.close()
     assert len(appended) > 1000
     rec = StateDir(small_disk).recover()
-    assert rec.problems == [] and rec.batches == [[tuple(c) for c in b] for b in appended]
+    assert rec.problems == [] and rec.batches == [[_as_read(c) for c in b] for b in appended]

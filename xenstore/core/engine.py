@@ -356,7 +356,7 @@ class Engine:
         if node is None:
             return None
         if op == _WRITE:
-            tx.set_value(path, node, payload[i + 1 :])
+            tx.set_value(path, node, payload[i + 1 :], payload)  # (a remembered path is absolute: the payload is its record)
             tx.firings.append((path, False, ()))  # fired at commit
             return OK
         return node.value if op == _READ else node.children_bytes()
@@ -374,7 +374,7 @@ class Engine:
         node = self.store.nodes.get(path)
         if node is None or node.perms.owner or not self._unwatched(path):  # (a guest's node: its memory quota has a say)
             return None
-        self.store.set_value(path, node, payload[i + 1 :])
+        self.store.set_value(path, node, payload[i + 1 :], payload)  # (a remembered path is absolute: the payload is its record)
         return OK
 
     def complete_introduce(self, token: int, error: str | None = None) -> list[Delivery]:
@@ -617,7 +617,7 @@ class Engine:
                     raise _err("ENOSPC")
             if node.perms.owner if tx is None else layer.charge_to:  # memory quota (dom0 is exempt)
                 self._check_memory(layer, node.perms.owner, len(value) - len(node.value))
-            layer.put(path, value, node.perms)
+            layer.set_value(path, node, value)
         self._fire(tx, path)
         return OK
 

@@ -9,11 +9,17 @@ conflicts, ``DIRECTORY_PART``).
 Both layers offer the same three primitives that the operations are written
 against: ``get(path)``, ``put(path, value, perms)`` (create -- the parent
 must exist -- or update) and ``delete(path)`` (whole subtree).  Every live
-mutation is journaled as a *change record*, a plain msgpack-able tuple:
+mutation is journaled as a *change record*, a plain msgpack-able object:
 
     ("set", path: str, value: bytes, perms: list[str])   create or update;
                                                           children untouched
     ("rm", path: str)                                     remove the subtree
+    b"path\0value"                                        a new value for the
+                                                          existing node at
+                                                          path, perms kept
+
+The last is the most common change, a WRITE of an existing node, in the
+form of that WRITE's own payload: journaling it takes no encoding at all.
 
 ``Store.apply(record)`` replays one record with the same primitives, so a
 transaction commit, journal replay and snapshot restore share one code path.
@@ -28,9 +34,9 @@ from ..wire import XenStoreError
 from .memory import PERM_ENTRY, MemoryLedger, node_memory, transaction_tag
 from .perms import Perms
 
-__all__ = ["Node", "Store", "Overlay", "Change", "record_size"]
+__all__ = ["Node", "Store", "Overlay", "Change", "record_size", "value_record", "split_value_record"]
 
-Change = tuple  # ("set", path, value, perms) | ("rm", path)
+Change = tuple | bytes  # ("set", path, value, perms) | ("rm", path) | b"path\0value"
 
 _ROOT_PERMS = Perms.owned_by(0)
 
@@ -81,6 +87,18 @@ def _copy(node: Node) -> Node:
     read-only ``NO_CHILDREN``: whoever adds a child swaps in a dict)."""
     children = node.children
     return Node(node.value, node.perms, children if children is NO_CHILDREN else dict(children), node.generation)
+
+
+def value_record(path: str, value: bytes) -> bytes:
+    """The change record of a new value for the existing node at ``path``."""
+    return b"%s\0%s" % (path.encode("ascii"), value)
+
+
+def split_value_record(record: bytes) -> tuple[str, bytes]:
+    """``(path, value)`` of a :func:`value_record`; ``ValueError`` if it
+    has no NUL or the path is not ASCII."""
+    i = record.index(b"\0")
+    return record[:i].decode("ascii"), record[i + 1 :]
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -148,14 +166,16 @@ class Store:
         self.journal.append(("set", path, value, list(perms.strings)))
         return created
 
-    def set_value(self, path: str, node: Node, value: bytes) -> None:
+    def set_value(self, path: str, node: Node, value: bytes, record: bytes | None = None) -> None:
         """``put`` of a new value into the existing ``node`` at ``path``,
-        keeping its permissions (the common write, with less to do)."""
+        keeping its permissions (the common write, with less to do).
+        ``record``: ``path`` NUL ``value``, if the caller has it at hand (a
+        WRITE's payload), to journal as it is."""
         if node.perms.owner:  # memory quota: dom0 is not tracked
             self.memory.node_updated(path, node, len(value), node.perms)
         node.value = value
         node.generation = self.generation = self.generation + 1
-        self.journal.append(("set", path, value, list(node.perms.strings)))
+        self.journal.append(record if record is not None else value_record(path, value))
 
     def delete(self, path: str) -> list[tuple[str, Node]]:
         """Remove ``path`` and its subtree (the node must exist, not ``/``).
@@ -201,6 +221,13 @@ class Store:
 
     def apply(self, change: Change) -> None:
         """Replay one change record (journal replay, restore)."""
+        if type(change) is bytes:
+            path, value = split_value_record(change)
+            node = self.nodes.get(path)
+            if node is None:
+                raise ValueError(f"value record for {path!r}, which does not exist")
+            self.set_value(path, node, value, change)
+            return
         kind = change[0]
         if kind == "set":
             _, path, value, strings = change
@@ -277,7 +304,8 @@ class Overlay:
         self.live = live
         self.nodes: dict[str, Node | None] = {}
         self.seen: dict[str, int | None] = {}
-        self.ops: list[tuple] = []  # ("set", path, value, Perms) | ("rm", path)
+        #: ("set", path, value, Perms, value record or None) | ("rm", path)
+        self.ops: list[tuple] = []
         self.owner_delta: dict[int, int] = {}
         #: transaction-nodes quota (0 = unlimited); ENOSPC when exceeded.
         self.max_seen = max_seen
@@ -328,14 +356,15 @@ class Overlay:
                 self._charge(node_memory(path, mine) + self.tag)
         return mine
 
-    def set_value(self, path: str, node: Node, value: bytes) -> None:
+    def set_value(self, path: str, node: Node, value: bytes, record: bytes | None = None) -> None:
         """``put`` of a new value into ``node``, the transaction's own copy of
-        ``path`` (what ``get`` returned), keeping its permissions."""
+        ``path`` (what ``get`` returned), keeping its permissions.
+        ``record``: as for :meth:`Store.set_value` (journaled at commit)."""
         if self.charge_to:  # memory quota
             self._charge(len(value) - len(node.value))
         node.value = value
         node.generation = self.live.generation = self.live.generation + 1
-        self.ops.append(("set", path, value, node.perms))
+        self.ops.append(("set", path, value, node.perms, record))
 
     def put(self, path: str, value: bytes, perms: Perms) -> bool:
         gen = self.live.generation = self.live.generation + 1
@@ -367,7 +396,7 @@ class Overlay:
             node.perms = perms
             node.generation = gen
             created = False
-        self.ops.append(("set", path, value, perms))
+        self.ops.append(("set", path, value, perms, None))
         return created
 
     def delete(self, path: str) -> list[tuple[str, Node]]:
@@ -440,7 +469,7 @@ class Overlay:
             if op[0] == "set":
                 node = nodes.get(op[1])
                 if node is not None and node.perms is op[3]:
-                    live.set_value(op[1], node, op[2])  # (the usual: a new value)
+                    live.set_value(op[1], node, op[2], op[4])  # (the usual: a new value)
                 else:
                     live.put(op[1], op[2], op[3])
             else:

@@ -23,9 +23,10 @@ Every file starts with an 8-byte magic and then holds *frames*::
 
     u32 length (little-endian) | u32 CRC-32 of the body | body (msgpack)
 
-A journal frame's body is a msgpack array of the ``Change`` tuples that one
-read batch of one connection committed (``("set", path, value, perms)`` or
-``("rm", path)``).  The snapshot holds exactly one frame whose body is
+A journal frame's body is a msgpack array of the change records (see
+``xenstore.core.store``) that one read batch of one connection committed:
+``("set", path, value, perms)``, ``("rm", path)``, or a bin ``path NUL
+value`` (a new value for an existing node).  The snapshot holds exactly one frame whose body is
 ``{"journal": N, "changes": [...]}``: load the changes, then replay every
 journal file numbered N or higher, in order.  Because the number is written
 in the snapshot, a crash at any point of a compaction leaves a readable
@@ -56,6 +57,8 @@ from typing import Any, Iterable, Sequence
 
 import msgpack
 
+from ..core.store import Change, split_value_record
+
 __all__ = [
     "FsyncPolicy",
     "JournalError",
@@ -75,7 +78,6 @@ FRAME = struct.Struct("<II")
 #: A frame body larger than this is treated as corruption, not allocated.
 MAX_FRAME = 1 << 30
 
-Change = tuple  # ("set", path, value, perms) | ("rm", path)
 
 _JOURNAL_NAME = re.compile(r"^journal\.(\d{8})$")
 
@@ -100,7 +102,7 @@ class JournalError(Exception):
 
 #: The journal file grows by this much at a time (allocated, then mapped).
 _CHUNK = 1 << 20
-_pack_frame_header = FRAME.pack
+_pack_frame_header_into = FRAME.pack_into
 _crc32 = zlib.crc32
 
 
@@ -158,7 +160,14 @@ def unpack_changes(body: bytes) -> list[Change]:
 
 
 def _check_change(item: Any) -> Change:
-    if isinstance(item, list) and item:
+    if isinstance(item, bytes):
+        try:
+            split_value_record(item)
+        except ValueError:
+            pass
+        else:
+            return item
+    elif isinstance(item, list) and item:
         if item[0] == "set" and len(item) == 4:
             _, path, value, perms = item
             if (
@@ -385,7 +394,7 @@ class StateDir:
         # The body first, the header last: a crash in between leaves a zero
         # length field, i.e. the clean end of the journal.
         mapped[start + 8 : end] = body
-        mapped[start : start + 8] = _pack_frame_header(len(body), _crc32(body))
+        _pack_frame_header_into(mapped, start, len(body), _crc32(body))
         self._journal_bytes = end
         self.frames_written += 1
         return end > self._compact_at
