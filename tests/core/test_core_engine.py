@@ -232,6 +232,67 @@ def test_effects_and_domain_teardown(engine, dom0):
     assert engine.store.owner_counts.get(5, 0) == 0
 
 
+def test_a_new_domain_with_a_dead_ones_domid_inherits_no_rights(engine, dom0):
+    """cxenstored's stale-domid rule (checked against the C daemon): an ACL
+    entry counts only if its domain was known when the node was last
+    written.  GET_PERMS still lists the entry; a rewrite of the node makes
+    it count again."""
+    def read(conn, path):
+        return req(engine, conn, Op.READ, path + b"|")[-1][2]
+
+    req(engine, dom0, Op.WRITE, b"/keep|x")
+    req(engine, dom0, Op.SET_PERMS, b"/keep|n0|b5|")
+    req(engine, dom0, Op.WRITE, b"/keep/sub|y")  # inherits n0 b5
+    req(engine, dom0, Op.WRITE, b"/other|q")
+    req(engine, dom0, Op.SET_PERMS, b"/other|n0|r5|")
+    first = make_guest(engine, dom0, 5)
+    assert [read(first, p) for p in (b"/keep", b"/keep/sub", b"/other")] == [b"x", b"y", b"q"]
+    req(engine, dom0, Op.RELEASE, b"5|")
+    req(engine, dom0, Op.WRITE, b"/unrelated|1")
+    second = make_guest(engine, dom0, 5)
+    assert [read(second, p) for p in (b"/keep", b"/keep/sub", b"/other")] == [b"EACCES\0"] * 3
+    assert req(engine, dom0, Op.GET_PERMS, b"/keep|")[-1][2] == b"n0\0b5\0"
+    req(engine, dom0, Op.WRITE, b"/keep|z")  # written while the new domain 5 is known
+    assert [read(second, p) for p in (b"/keep", b"/keep/sub")] == [b"z", b"EACCES\0"]
+    # The toolstack writes a guest's nodes before introducing it: naming
+    # the domain in SET_PERMS makes it known from then on.
+    req(engine, dom0, Op.WRITE, b"/later|w")
+    req(engine, dom0, Op.SET_PERMS, b"/later|n0|r6|")
+    req(engine, dom0, Op.WRITE, b"/unrelated|2")
+    assert read(make_guest(engine, dom0, 6), b"/later") == b"w"
+    # A store restored from disk: every entry counts (who was known then is not kept).
+    restored = Engine(store=Store.from_changes(engine.store.snapshot()))
+    rdom0 = restored.connect(0, privileged=True)
+    again = make_guest(restored, rdom0, 5)
+    assert req(restored, again, Op.READ, b"/keep/sub|")[-1][2] == b"y"
+
+
+def test_keep_orphans_gives_a_dead_domains_nodes_to_dom0_silently(engine, dom0):
+    """cxenstored -K: the nodes a dead domain owned stay, owned by dom0 with
+    the rest of their ACL, and their watches see nothing; a later domain
+    with the same id gets no access from the old ownership."""
+    engine.keep_orphans = True
+    guest = make_guest(engine, dom0, 5)
+    req(engine, dom0, Op.WRITE, b"/keep|")
+    req(engine, dom0, Op.SET_PERMS, b"/keep|n0|b5|")
+    req(engine, guest, Op.WRITE, b"/keep/mine/sub|1")  # both owned by 5
+    req(engine, guest, Op.SET_PERMS, b"/keep/mine|n5|r7|")
+    req(engine, dom0, Op.WATCH, b"/keep|k|")
+    req(engine, dom0, Op.WATCH, b"@releaseDomain|r|")
+    out = engine.domain_died(5)
+    assert events(out) == [b"@releaseDomain\0r\0"]
+    assert req(engine, dom0, Op.GET_PERMS, b"/keep/mine|")[-1][2] == b"n0\0r7\0"
+    assert req(engine, dom0, Op.GET_PERMS, b"/keep/mine/sub|")[-1][2] == b"n0\0b5\0"  # (its inherited b5 stays)
+    assert req(engine, dom0, Op.READ, b"/keep/mine/sub|")[-1][2] == b"1"
+    assert engine.store.owner_counts.get(5, 0) == 0
+    assert 5 not in engine.memory.by_domain
+    # The adoption is journaled: a replay gives the same tree.
+    assert Store.from_changes(engine.store.snapshot()).snapshot() == engine.store.snapshot()
+    req(engine, dom0, Op.WRITE, b"/unrelated|1")
+    again = make_guest(engine, dom0, 5)  # a new domain 5: the old one's ACL entries are stale
+    assert req(engine, again, Op.READ, b"/keep/mine/sub|")[-1][2] == b"EACCES\0"
+
+
 def test_shutdown_fires_release_once_until_resume(engine, dom0):
     make_guest(engine, dom0, 5)
     req(engine, dom0, Op.WATCH, b"@releaseDomain|r|")

@@ -91,6 +91,22 @@ def test_quota_flags_reach_the_engine(xenstored_factory):
     assert "12345" in text.decode()
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_orphans_flag(xenstored_factory, keep):
+    """Released domain 5 owned /orphan: deleted, or with -K given to dom0."""
+    d = xenstored_factory.start(*(["-K"] if keep else []))
+    c = d.connect()
+    assert c.call(Op.INTRODUCE, b"5\x001\x005\0")[0] == Op.INTRODUCE
+    c.write("/orphan", b"v")
+    assert c.call(Op.SET_PERMS, b"/orphan\0n5\0r7\0")[0] == Op.SET_PERMS
+    assert c.call(Op.RELEASE, b"5\0") == (Op.RELEASE, b"OK\0")
+    if keep:
+        assert c.read("/orphan") == b"v"
+        assert c.call(Op.GET_PERMS, b"/orphan\0") == (Op.GET_PERMS, b"n0\0r7\0")
+    else:
+        assert c.read("/orphan") is None
+
+
 @pytest.mark.parametrize("args", [["-Q", "bogus=1"], ["-Q", "memory"], ["-q", "nodes=1"], ["-E", "-3"], ["-I", "maybe"]])
 def test_bad_flags_fail_cleanly(tmp_path, args):
     env = dict(os.environ, XENSTORED_PATH=str(tmp_path / "socket"))
@@ -109,5 +125,5 @@ def test_second_daemon_on_the_same_socket_refuses(xenstored, tmp_path):
 def test_help_lists_xen_flags():
     done = subprocess.run([*CMD, "--help"], timeout=30, capture_output=True, text=True)
     assert done.returncode == 0
-    for flag in ["--no-fork", "--pid-file", "--trace-file", "--entry-nb", "--entry-size", "--watch-nb", "--transaction", "--perm-nb", "--path-max", "--quota", "--quota-soft", "--verbose", "--internal-db", "--state-dir", "--fsync"]:
+    for flag in ["--no-fork", "--pid-file", "--trace-file", "--entry-nb", "--entry-size", "--watch-nb", "--transaction", "--perm-nb", "--path-max", "--quota", "--quota-soft", "--verbose", "--internal-db", "--state-dir", "--fsync", "--keep-orphans"]:
         assert flag in done.stdout

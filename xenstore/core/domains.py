@@ -62,6 +62,11 @@ class Domain:
     port: int | None = None
     target: int | None = None
     features: int = SUPPORTED_FEATURES
+    #: The store generation when xenstored first knew the domain (cxenstored
+    #: ``domain->generation``): ACL entries naming it count only in nodes
+    #: written since, so a new domain reusing a dead one's domid does not
+    #: inherit its rights.
+    generation: int = 0
     #: @releaseDomain already fired for the current shutdown (cleared by RESUME).
     shutdown_reported: bool = False
     #: Per-domain quota overrides (SET_QUOTA <domid> ...), Xen 4.17 names;
@@ -91,12 +96,19 @@ class DomainTable:
     def get(self, domid: int) -> Domain | None:
         return self._domains.get(domid)
 
-    def find_or_alloc(self, domid: int) -> Domain | None:
-        """cxenstored ``find_or_alloc_existing_domain``."""
+    def find_or_alloc(self, domid: int, generation: int) -> Domain | None:
+        """cxenstored ``find_or_alloc_existing_domain``; a new record is
+        known from store generation ``generation`` on."""
         domain = self._domains.get(domid)
         if domain is None and self.exists(domid):
-            domain = self._domains[domid] = Domain(domid)
+            domain = self._domains[domid] = Domain(domid, generation=generation)
         return domain
+
+    def known_at(self, domid: int, generation: int) -> bool:
+        """Was ``domid`` known when the store was at ``generation``
+        (cxenstored ``chk_domain_generation``)?  An unknown domain: no."""
+        domain = self._domains.get(domid)
+        return domain is not None and domain.generation <= generation
 
     def is_introduced(self, domid: int) -> bool:
         domain = self._domains.get(domid)

@@ -143,6 +143,7 @@ class Engine:
         store: Store | None = None,
         features: int = SUPPORTED_FEATURES,
         defer_introduce: bool = False,
+        keep_orphans: bool = False,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         self.store = store if store is not None else Store()
@@ -166,6 +167,11 @@ class Engine:
         #: INTRODUCE of a new domain waits for :meth:`complete_introduce`
         #: (settable at run time: the I/O layer that maps rings turns it on).
         self.defer_introduce = defer_introduce
+        #: cxenstored ``-K``: a dead domain's nodes are adopted by dom0 instead
+        #: of deleted (a security risk: its data outlives it).
+        self.keep_orphans = keep_orphans
+        #: Nodes of this generation or older were restored from disk (see _access).
+        self._restored_generation = self.store.generation
         self._introductions: dict[int, _PendingIntroduce] = {}  # token -> request
         self._next_token = 0
         #: Connections waiting for their INTRODUCE reply -> their later requests.
@@ -514,7 +520,7 @@ class Engine:
         ``perm`` (ENOENT for reads, "may create" for writes); else EACCES."""
         node = layer.get(path)
         if node is not None:
-            if conn.privileged or (node.perms.access(conn.domid, conn.target) & perm) == perm:
+            if conn.privileged or (self._access(conn, node) & perm) == perm:
                 return node
             if layer is not self.store and path != "/":
                 layer.get(parent_of(path))  # cxenstored asks the parent too: a transaction records it
@@ -526,9 +532,23 @@ class Engine:
             node = layer.get(anc)
             if node is not None:
                 break
-        if conn.privileged or node is None or node.perms.access(conn.domid, conn.target) & perm:
+        if conn.privileged or node is None or self._access(conn, node) & perm:
             return None
         raise _err("EACCES")
+
+    def _access(self, conn: Connection, node: Node) -> int:
+        """An unprivileged caller's access bits on ``node``.  As cxenstored
+        (``domain_adjust_node_perms``), an entry naming the caller or its
+        target counts only if that domain was known when the node was last
+        written: a new domain reusing a dead one's domid does not inherit
+        its rights.  Nodes restored from disk count every entry (the domain
+        table is not persisted, so who was known then is not either)."""
+        generation = node.generation
+        if generation <= self._restored_generation:
+            return node.perms.access(conn.domid, conn.target)
+        known_at = self.domains.known_at
+        ignored = tuple(d for d in (conn.domid, conn.target) if d is not None and not known_at(d, generation))
+        return node.perms.access(conn.domid, conn.target, ignored)
 
     def _get(self, conn: Connection, tx: Transaction | None, path: str, perm: int) -> Node:
         if tx is None and conn.privileged:  # the common case: one dict lookup
@@ -741,6 +761,8 @@ class Engine:
         perms = Perms.parse(strings[1 : 1 + nperms])
         if not self.domains.exists(perms.owner):
             raise _err("ENOENT")
+        for domid in perms.domids():  # cxenstored domain_alloc_permrefs (unknown domids: ignored entries)
+            self.domains.find_or_alloc(domid, self.store.generation)
         raw = strings[0]
         if raw[:1] == "@":
             current = self.domains.special_perms(raw)
@@ -897,7 +919,7 @@ class Engine:
         if domid < 0 or not self.domains.exists(domid):
             raise _err(_EINVAL)  # cxenstored: ESRCH, which has no wire name
         created = self.domains.get(domid) is None
-        domain = self.domains.find_or_alloc(domid)
+        domain = self.domains.find_or_alloc(domid, self.store.generation)
         if domain.introducing:
             raise _err("EBUSY")  # another connection's INTRODUCE of it is under way
         if not domain.introduced and self.defer_introduce:
@@ -944,8 +966,9 @@ class Engine:
 
     def _destroy_domain(self, domid: int, release_out: list | None = None) -> None:
         """cxenstored destroy_domain: drop the domain's connections' watches
-        and transactions, delete every node it owns (RM-style events),
-        forget it, fire @releaseDomain."""
+        and transactions, delete every node it owns (RM-style events) or,
+        with ``keep_orphans``, give it to dom0 (silently, as cxenstored's
+        raw node write), forget the domain, fire @releaseDomain."""
         for c in list(self._conns.values()):
             if c.domid == domid:
                 self._reset_connection(c)
@@ -959,8 +982,10 @@ class Engine:
                 if node is None:
                     continue
                 if p != "/" and node.perms.owner == domid:
-                    self._remove(None, store, p)
-                    continue
+                    if not self.keep_orphans:
+                        self._remove(None, store, p)
+                        continue
+                    store.put(p, node.value, node.perms.with_owner(0))
                 prefix = p if p != "/" else ""
                 stack.extend(f"{prefix}/{name}" for name in reversed(node.children))
         self.domains.forget(domid)
@@ -1001,7 +1026,7 @@ class Engine:
         args = _strings(packet.payload)
         if not args:
             return b"%d\0" % self.features
-        domain = self.domains.find_or_alloc(c_atoi(args[0]))
+        domain = self.domains.find_or_alloc(c_atoi(args[0]), self.store.generation)
         if domain is None:
             raise _err("ENOENT")
         return b"%d\0" % (domain.features & 0xFFFFFFFF)
@@ -1011,7 +1036,7 @@ class Engine:
         if len(args) < 2:
             raise _err(_EINVAL)
         features = c_atoi(args[1]) & 0xFFFFFFFF
-        domain = self.domains.find_or_alloc(c_atoi(args[0]))
+        domain = self.domains.find_or_alloc(c_atoi(args[0]), self.store.generation)
         if domain is None:
             raise _err("ENOENT")
         if domain.introduced or domain.introducing:
@@ -1025,7 +1050,7 @@ class Engine:
         domid = parse_domid(text)
         if domid is None or text[:1] in ("-", "+", " "):
             raise _err(_EINVAL)
-        domain = self.domains.find_or_alloc(domid)
+        domain = self.domains.find_or_alloc(domid, self.store.generation)
         if domain is None:
             raise _err("ENOENT")
         return domain

@@ -107,12 +107,14 @@ class Perms:
         pairs += [(_BITS_LETTER[bits], d) for d, bits in self.entries if d != domid]
         return Perms(pairs)
 
-    def access(self, domid: int, target: int | None) -> int:
-        """Access bits of an unprivileged caller (``perm_for_conn``)."""
+    def access(self, domid: int, target: int | None, ignored: tuple[int, ...] = ()) -> int:
+        """Access bits of an unprivileged caller (``perm_for_conn``);
+        entries naming a domain in ``ignored`` do not count (cxenstored
+        ``XS_PERM_IGNORE``: stale domids), ownership always does."""
         if self.owner == domid or (target is not None and self.owner == target):
             return FULL
         for d, bits in self.entries:
-            if d == domid or d == target:
+            if (d == domid or d == target) and d not in ignored:
                 return bits
         return self.other
 

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse to start if the journal is damaged (default: drop the damaged tail, log it)",
     )
+    p.add_argument(
+        "-K",
+        "--keep-orphans",
+        action="store_true",
+        help="don't delete nodes owned by a domain when the domain is deleted: dom0 takes them (this is a security risk!)",
+    )
     p.add_argument("-V", "--verbose", action="count", default=0, help="log more (twice: debug)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="persistence directory")
     p.add_argument(
@@ -296,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             gc.enable()
         gc.freeze()
+        engine.keep_orphans = args.keep_orphans
         tracer = Tracer(args.trace_file) if args.trace_file else None
         server = XenstoreServer(
             engine,
