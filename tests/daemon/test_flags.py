@@ -91,6 +91,16 @@ def test_quota_flags_reach_the_engine(xenstored_factory):
     assert "12345" in text.decode()
 
 
+def test_watch_event_timeout_flag_sets_the_guests_event_deadline():
+    from xenstore.daemon.main import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args([])).watch_event_timeout == 20.0  # cxenstored's default
+    assert config_from_args(build_parser().parse_args(["-w", "watch-event=5"])).watch_event_timeout == 5.0
+    assert config_from_args(build_parser().parse_args(["--timeout", "watch-event=0"])).watch_event_timeout == 0.0
+    with pytest.raises(ValueError):
+        config_from_args(build_parser().parse_args(["-w", "watch-event=-1"]))
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_keep_orphans_flag(xenstored_factory, keep):
     """Released domain 5 owned /orphan: deleted, or with -K given to dom0."""
@@ -107,7 +117,7 @@ def test_keep_orphans_flag(xenstored_factory, keep):
         assert c.read("/orphan") is None
 
 
-@pytest.mark.parametrize("args", [["-Q", "bogus=1"], ["-Q", "memory"], ["-q", "nodes=1"], ["-E", "-3"], ["-I", "maybe"]])
+@pytest.mark.parametrize("args", [["-Q", "bogus=1"], ["-Q", "memory"], ["-q", "nodes=1"], ["-E", "-3"], ["-I", "maybe"], ["-w", "bogus=1"]])
 def test_bad_flags_fail_cleanly(tmp_path, args):
     env = dict(os.environ, XENSTORED_PATH=str(tmp_path / "socket"))
     done = subprocess.run([*CMD, "-N", "--state-dir", str(tmp_path / "s"), *args], env=env, timeout=30, capture_output=True, text=True)

@@ -40,12 +40,33 @@ def test_events_over_the_limit_or_too_long_are_dropped_replies_never():
     assert not OutputQueue().push_event(Packet(Op.WATCH_EVENT, 0, 0, b"x" * 4096).encode() + b"x")
 
 
+def test_events_past_their_deadline_go_unless_started():
+    q = OutputQueue()
+    q.push_replies(reply(1))
+    first = event(b"/a", b"t")
+    assert q.push_event(first, deadline=10.0)
+    assert q.push_event(event(b"/b", b"t"), deadline=12.0)
+    assert q.push_event(event(b"/c", b"t"))  # no deadline: stays
+    assert q.next_expiry == 10.0
+    assert q.drop_expired(9.9) == 0
+    q.consume(len(reply(1)) + 1)  # the reply went, the first event started
+    assert q.drop_expired(11.0) == 0 and q.next_expiry == 12.0  # started: goes out whole
+    assert q.drop_expired(12.0) == 1 and q.next_expiry is None
+    assert bytes(q.peek()) == first[1:]
+    q.consume(len(first) - 1)
+    assert bytes(q.peek()) == event(b"/c", b"t")
+    assert q.push_event(event(b"/b", b"t"), deadline=20.0)  # the dropped one no longer blocks its twin
+    assert q.dropped_events == 1 and q.replies == 0
+
+
 class QueueMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.q = OutputQueue(event_limit=600)
-        self.model: list[tuple[bytes, int, bytes | None]] = []  # (data, replies, unstarted event key)
+        # (data, replies, unstarted event key, deadline while unstarted)
+        self.model: list[tuple[bytes, int, bytes | None, float | None]] = []
         self.head_sent = 0
+        self.now = 0.0
         self.sent = bytearray()
         self.expected = bytearray()
 
@@ -53,19 +74,32 @@ class QueueMachine(RuleBasedStateMachine):
     def push_replies(self, n, count):
         data = b"".join(reply(n + i) for i in range(count))
         self.q.push_replies(data, count)
-        self.model.append((data, count, None))
+        self.model.append((data, count, None, None))
         self.expected += data
 
-    @rule(path=st.sampled_from([b"/a", b"/b", b"@introduceDomain"]), token=st.sampled_from([b"t", b"u"]))
-    def push_event(self, path, token):
+    @rule(
+        path=st.sampled_from([b"/a", b"/b", b"@introduceDomain"]),
+        token=st.sampled_from([b"t", b"u"]),
+        ttl=st.sampled_from([None, 1.0, 5.0]),
+    )
+    def push_event(self, path, token, ttl):
         data = event(path, token)
-        size = sum(len(d) for d, _, _ in self.model) - self.head_sent
-        duplicate = not path.startswith(b"@") and any(key == data for _, _, key in self.model)
+        size = sum(len(m[0]) for m in self.model) - self.head_sent
+        duplicate = not path.startswith(b"@") and any(m[2] == data for m in self.model)
         accept = size + len(data) <= 600 and not duplicate
-        assert self.q.push_event(data) == accept
+        deadline = None if ttl is None else self.now + ttl
+        assert self.q.push_event(data, deadline) == accept
         if accept:
-            self.model.append((data, 0, None if path.startswith(b"@") else data))
+            self.model.append((data, 0, None if path.startswith(b"@") else data, deadline))
             self.expected += data
+
+    @rule(dt=st.sampled_from([0.5, 1.0, 3.0]))
+    def time_passes(self, dt):
+        self.now += dt
+        kept = [m for m in self.model if m[3] is None or m[3] > self.now]
+        assert self.q.drop_expired(self.now) == len(self.model) - len(kept)
+        self.model = kept
+        self.expected = self.sent + b"".join(m[0] for m in kept)[self.head_sent :]
 
     @rule(limit=st.integers(1, 700), fraction=st.floats(0, 1))
     def send(self, limit, fraction):
@@ -79,8 +113,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.sent += chunk[:n]
         pos = self.head_sent + n
         while pos and self.model:
-            data, count, key = self.model[0]
-            self.model[0] = (data, count, None)
+            data, count, key, deadline = self.model[0]
+            self.model[0] = (data, count, None, None)  # started
             if pos < len(data):
                 break
             pos -= len(data)
@@ -91,7 +125,7 @@ class QueueMachine(RuleBasedStateMachine):
     def matches_model(self):
         assert bytes(self.sent) == bytes(self.expected[: len(self.sent)])
         assert self.q.size == len(self.expected) - len(self.sent)
-        assert self.q.replies == sum(c for _, c, _ in self.model)
+        assert self.q.replies == sum(m[1] for m in self.model)
         assert bool(self.q) == bool(self.model)
 
 

@@ -19,6 +19,7 @@ from ringbuf.layouts.xenstore import (
     XENSTORE_SERVER_FEATURE_RECONNECTION,
 )
 from xenstore.core import Engine
+from xenstore.daemon import domain_conn
 from xenstore.daemon.domain_conn import DomainConnection
 from xenstore.wire import HEADER, Op, Packet, PacketReader
 
@@ -138,6 +139,40 @@ def test_back_pressure_stops_reading_at_the_outstanding_quota():
             break
     assert [p.req_id for p in got] == list(range(10, 18))
     assert all(p.payload == big for p in got)
+
+
+def test_events_the_guest_leaves_unread_too_long_are_dropped(monkeypatch):
+    """cxenstored -w watch-event=: a guest's events not started within the
+    timeout go; the one being written and replies stay."""
+    clock = [100.0]
+    monkeypatch.setattr(domain_conn, "_monotonic", lambda: clock[0])
+    h = Harness()
+    h.conn.event_timeout = 20.0
+    h.roundtrip(Op.WATCH, b"w\x00tok\x00")
+    dom0 = h.engine.connect(0, True)
+
+    def dom0_writes(first, count):
+        for i in range(first, first + count):
+            for target, out in h.engine.handle(dom0, Packet(Op.WRITE, 1, 0, b"%s/w/k%03d\0" % (HOME.encode(), i))):
+                if target is h.conn.conn:
+                    h.conn.deliver(out)
+
+    dom0_writes(0, 200)  # far more than the ring holds; the guest reads nothing
+    queued = h.conn.queue.size
+    assert queued > 1024
+    clock[0] += 19.0
+    dom0_writes(200, 5)
+    clock[0] += 1.5  # the first 200 are 20.5 s old, the last 5 only 1.5 s
+    got = []
+    for _ in range(200):
+        got += h.receive()
+        h.conn.service()
+    paths = [p.payload.split(b"\0")[0].decode() for p in got]
+    assert paths[-5:] == [f"w/k{i:03d}" for i in range(200, 205)]
+    assert 0 < len(paths) - 5 < 200  # what was in the ring or being written, not the rest
+    assert paths[: len(paths) - 5] == [f"w/k{i:03d}" for i in range(len(paths) - 5)]
+    assert h.conn.queue.dropped_events == 200 - (len(paths) - 5)
+    assert h.roundtrip(Op.READ, b"domid\x00", 9).op == Op.ERROR  # (the guest is served as before)
 
 
 def test_a_guest_that_keeps_the_ring_full_yields_the_loop():

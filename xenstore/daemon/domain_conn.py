@@ -6,7 +6,9 @@ one pump step, run whenever the event channel fires:
 1. a reconnection request (``connection == 1``, feature bit 0) resets the
    connection: partial packets, queued output, watches and transactions
    go, both queues restart at index 0, ``connection`` goes back to 0;
-2. queued output (replies, watch events) is copied into ``rsp``;
+2. queued output (replies, watch events) is copied into ``rsp``; events
+   the guest left there longer than ``event_timeout`` (not yet started)
+   are dropped first, as cxenstored's ``-w watch-event=`` does;
 3. request bytes are taken from ``req`` and parsed, and complete requests
    are submitted to the daemon in one batch, but only while fewer than the
    ``outstanding`` quota of replies wait undelivered (back-pressure: a guest
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import trio
@@ -59,6 +62,7 @@ _WATCH_EVENT = int(Op.WATCH_EVENT)
 _READ_BUDGET = 16 << 10
 #: Written to our own eventfd to make the channel pending again.
 _ONE = (1).to_bytes(8, "little")
+_monotonic = time.monotonic
 
 
 class DomainConnection:
@@ -84,6 +88,7 @@ class DomainConnection:
         drop: Callable[[Any], None],
         outstanding_limit: Callable[[], int],
         event_limit: int = 1 << 20,
+        event_timeout: float = 20.0,
     ) -> None:
         self.domid = domid
         self.conn = conn
@@ -95,6 +100,9 @@ class DomainConnection:
         self._outstanding_limit = outstanding_limit
         self.reader = PacketReader()
         self.queue = OutputQueue(event_limit)
+        #: cxenstored ``-w watch-event=``: seconds an event may wait for the
+        #: guest to take it before it is dropped (0: never).
+        self.event_timeout = event_timeout
         #: False once the guest misbehaved (until re-introduced) or we closed.
         self.serving = True
         self.closed = False
@@ -116,7 +124,8 @@ class DomainConnection:
                 return  # dropped, as cxenstored does
             data = Packet(Op.ERROR, packet.req_id, packet.tx_id, b"E2BIG\0").encode()
         if packet.op == _WATCH_EVENT:
-            self.queue.push_event(data)
+            timeout = self.event_timeout
+            self.queue.push_event(data, _monotonic() + timeout if timeout else None)
         else:
             self.queue.push_replies(data)
         if self._in_service:
@@ -130,6 +139,8 @@ class DomainConnection:
     def _write_output(self) -> bool:
         """Copy queued output into ``rsp``; True if any byte moved."""
         queue = self.queue
+        if queue.next_expiry is not None:
+            queue.drop_expired(_monotonic())
         moved = False
         while queue.size:
             sent = self.ring.write(queue.peek(1024))

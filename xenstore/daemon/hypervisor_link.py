@@ -282,6 +282,8 @@ class HypervisorLink:
             reset=self._reset_conn,
             drop=self._disconnect,
             outstanding_limit=lambda: self._outstanding(domid),
+            event_limit=self.server.config.event_limit,
+            event_timeout=self.server.config.watch_event_timeout,
         )
         domain.conn = self._connect(domain)
         self._guests[domid] = _Guest(domain, mapping)

@@ -23,7 +23,7 @@ from .journal import FsyncPolicy, JournalError, StateDir
 from .server import ServerConfig, XenstoreServer, default_socket_path, open_listener
 from .trace import Tracer
 
-__all__ = ["main", "build_parser", "limits_from_args", "restore_engine"]
+__all__ = ["main", "build_parser", "limits_from_args", "config_from_args", "restore_engine"]
 
 log = logging.getLogger("xenstored")
 
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("-Q", "--quota", "WHAT=NB", "hard quota: " + ", ".join(_HARD_QUOTAS)),
         ("-q", "--quota-soft", "WHAT=NB", "soft (warning only) quota: " + ", ".join(_SOFT_QUOTAS)),
         ("-w", "--timeout", "WHAT=SECONDS",
-         "timeouts: " + ", ".join(_TIMEOUTS) + " (accepted; events to socket connections never expire)"),
+         "timeouts: watch-event: seconds a guest's watch event may wait to be taken before it is dropped "
+         "(default 20, 0: never; events to socket connections never expire)"),
     ):
         p.add_argument(short, long, action="append", default=[], metavar=metavar, help=help_text)
     p.add_argument(
@@ -160,8 +161,16 @@ def limits_from_args(args: argparse.Namespace) -> Any:
         limits.set(name, value)
     for name, value in _pairs(args.quota_soft, _SOFT_QUOTAS, "--quota-soft").items():
         limits.set(name, value, soft=True)
-    _pairs(args.timeout, _TIMEOUTS, "--timeout")  # validated; see the flag's help
     return limits
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The I/O layer's tunables the command line sets (``-w``)."""
+    timeouts = _pairs(args.timeout, _TIMEOUTS, "--timeout")
+    config = ServerConfig()
+    if "watch-event" in timeouts:
+        config.watch_event_timeout = float(timeouts["watch-event"])
+    return config
 
 
 def restore_engine(limits: Any, state: StateDir | None, strict: bool = False) -> Any:
@@ -291,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         limits = limits_from_args(args)
+        config = config_from_args(args)
         if args.internal_db == "off":
             state = StateDir(args.state_dir, FsyncPolicy(args.fsync), compact_bytes=args.journal_max)
         # The restored tree is hundreds of thousands of long-lived objects:
@@ -308,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine,
             state=state,
             tracer=tracer,
-            config=ServerConfig(),
+            config=config,
             outstanding_limit=lambda: _outstanding(limits),
         )
         link = None

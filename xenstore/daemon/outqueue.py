@@ -13,7 +13,11 @@ on a client that stopped reading; so an event is dropped when
 * an identical event (same path and token) is queued and not yet started
   (cxenstored's rule; not for ``@`` special events),
 * or the queue already holds ``event_limit`` bytes (our bound: a client
-  that never reads cannot grow the daemon's memory).
+  that never reads cannot grow the daemon's memory);
+
+and an event pushed with a deadline is dropped if it has not started to
+be sent by then (cxenstored ``-w watch-event=``: a guest's events go
+after 20 s): :meth:`OutputQueue.drop_expired`.
 """
 
 from __future__ import annotations
@@ -30,10 +34,20 @@ _MAX_MESSAGE = HEADER.size + PAYLOAD_MAX
 class OutputQueue:
     """Bytes queued for one connection, in the order they must be sent."""
 
-    __slots__ = ("_chunks", "_head_sent", "_unstarted_events", "size", "replies", "event_limit", "dropped_events")
+    __slots__ = (
+        "_chunks",
+        "_head_sent",
+        "_unstarted_events",
+        "size",
+        "replies",
+        "event_limit",
+        "dropped_events",
+        "next_expiry",
+    )
 
     def __init__(self, event_limit: int = 1 << 20) -> None:
-        # Each entry: [data, number of replies in it, event dedup key or None].
+        # Each entry: [data, number of replies in it, event dedup key or
+        # None, deadline or None]; the last two go once sending starts.
         self._chunks: deque[list] = deque()
         self._head_sent = 0
         self._unstarted_events: set[bytes] = set()
@@ -43,6 +57,8 @@ class OutputQueue:
         self.replies = 0
         self.event_limit = event_limit
         self.dropped_events = 0
+        #: The earliest deadline of a queued event not yet started (None: none).
+        self.next_expiry: float | None = None
 
     def __bool__(self) -> bool:
         return self.size > 0
@@ -50,12 +66,14 @@ class OutputQueue:
     def push_replies(self, data: bytes, count: int = 1) -> None:
         """Queue ``count`` encoded replies (concatenated in ``data``)."""
         if data:
-            self._chunks.append([data, count, None])
+            self._chunks.append([data, count, None, None])
             self.size += len(data)
             self.replies += count
 
-    def push_event(self, data: bytes) -> bool:
-        """Queue one encoded ``WATCH_EVENT``; ``False`` if it was dropped."""
+    def push_event(self, data: bytes, deadline: float | None = None) -> bool:
+        """Queue one encoded ``WATCH_EVENT``; ``False`` if it was dropped.
+        ``deadline``: drop it if it has not started to be sent by then
+        (see :meth:`drop_expired`)."""
         if len(data) > _MAX_MESSAGE or self.size + len(data) > self.event_limit:
             self.dropped_events += 1
             return False
@@ -65,9 +83,36 @@ class OutputQueue:
                 self.dropped_events += 1
                 return False
             self._unstarted_events.add(data)
-        self._chunks.append([data, 0, None if special else data])
+        self._chunks.append([data, 0, None if special else data, deadline])
         self.size += len(data)
+        if deadline is not None and (self.next_expiry is None or deadline < self.next_expiry):
+            self.next_expiry = deadline
         return True
+
+    def drop_expired(self, now: float) -> int:
+        """Drop the events whose deadline is ``now`` or earlier and that
+        have not started to be sent; returns how many went."""
+        if self.next_expiry is None or now < self.next_expiry:
+            return 0
+        kept: deque[list] = deque()
+        dropped = 0
+        next_expiry = None
+        for entry in self._chunks:
+            deadline = entry[3]
+            if deadline is not None:
+                if deadline <= now:
+                    dropped += 1
+                    self.size -= len(entry[0])
+                    if entry[2] is not None:
+                        self._unstarted_events.discard(entry[2])
+                    continue
+                if next_expiry is None or deadline < next_expiry:
+                    next_expiry = deadline
+            kept.append(entry)
+        self._chunks = kept
+        self.next_expiry = next_expiry
+        self.dropped_events += dropped
+        return dropped
 
     def peek(self, max_bytes: int = 1 << 18) -> bytes | memoryview:
         """The next bytes to send (at least one byte if the queue is not empty)."""
@@ -101,6 +146,7 @@ class OutputQueue:
                 # Started being written: an identical event may queue again.
                 self._unstarted_events.discard(entry[2])
                 entry[2] = None
+            entry[3] = None  # started: it goes out whole, however late
             length = len(entry[0])
             if pos < length:
                 self._head_sent = pos
@@ -116,6 +162,7 @@ class OutputQueue:
         self._head_sent = 0
         self.size = 0
         self.replies = 0
+        self.next_expiry = None
 
     def statistics(self) -> dict[str, int]:
         return {

@@ -185,6 +185,10 @@ class ServerConfig:
     queue_low: int = 16 << 10
     #: Watch events to a connection are dropped above this many queued bytes.
     event_limit: int = 1 << 20
+    #: Seconds a guest's watch event may wait for the guest to take it
+    #: before it is dropped (cxenstored ``-w watch-event=``; 0: never).
+    #: Events to socket connections (dom0) never expire, as in cxenstored.
+    watch_event_timeout: float = 20.0
     #: Bytes per recv() call (so at most this much is parsed per connection
     #: and iteration).
     recv_size: int = 64 << 10
