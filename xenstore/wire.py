@@ -24,6 +24,7 @@ __all__ = [
     "ERROR_NAMES",
     "Packet",
     "PacketReader",
+    "Request",
     "ProtocolError",
     "XenStoreError",
     "split_strings",
@@ -187,6 +188,13 @@ _tuple_ne = tuple.__ne__
 _pack_header = HEADER.pack
 
 
+#: A packet as :class:`PacketReader` parses it for a server: the plain tuple
+#: ``(op, req_id, tx_id, payload)``, what a :class:`Packet` holds.  Building
+#: the Packet costs more than parsing the header (0.16 us): the daemon makes
+#: one only for requests that take the engine's full way.
+Request = tuple[int, int, int, bytes]
+
+
 class PacketReader:
     """Incremental parser: feed stream bytes, pull complete packets.
 
@@ -224,6 +232,11 @@ class PacketReader:
 
     def next_packet(self) -> Packet | None:
         """The next complete packet, or ``None`` if more bytes are needed."""
+        request = self.next_request()
+        return None if request is None else _tuple_new(Packet, request)
+
+    def next_request(self) -> Request | None:
+        """:meth:`next_packet` as a plain :data:`Request` tuple."""
         buf = self._buf
         pos = self._pos
         if len(buf) - pos < 16:
@@ -240,19 +253,19 @@ class PacketReader:
             self._pos = 0
         else:
             self._pos = end
-        return _tuple_new(Packet, (op, req_id, tx_id, buf[start:end]))
+        return (op, req_id, tx_id, buf[start:end])
 
-    def whole_packet(self, data: bytes) -> Packet | None:
-        """``data`` as a packet if nothing is buffered and it is exactly one
-        well-formed packet (a client's usual chunk: one request, then a wait
-        for its reply); else ``None`` and nothing changes (``feed`` it).
-        One call instead of feed + next_packet + next_packet."""
+    def whole_request(self, data: bytes) -> Request | None:
+        """``data`` as a :data:`Request` if nothing is buffered and it is
+        exactly one well-formed packet (a client's usual chunk: one request,
+        then a wait for its reply); else ``None`` and nothing changes
+        (``feed`` it).  One call instead of feed + next_request + next_request."""
         if self._buf or len(data) < 16:
             return None
         op, req_id, tx_id, length = _unpack_header(data)
         if length + 16 != len(data) or length > self._max:
             return None
-        return _tuple_new(Packet, (op, req_id, tx_id, data[16:]))
+        return (op, req_id, tx_id, data[16:])
 
     def __iter__(self):
         while (packet := self.next_packet()) is not None:

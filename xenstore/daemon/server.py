@@ -12,7 +12,7 @@ whose own fd is what trio waits on.  Each *iteration* of the loop:
    client with nothing pending -- takes a short way: if its only output is
    the reply, the changes so far are journaled (a copy into the mapped
    journal file) and the reply is sent right away; with ``--fsync power``
-   a reply that needs the journal waits for step 3 (``_answer_lone_request``);
+   a reply that needs the journal waits for step 3;
 3. appends the changes the iteration committed since to the journal as one
    frame (and, with ``--fsync power``, one ``fdatasync``: a group commit
    covering every reply of every connection of the iteration);
@@ -65,7 +65,7 @@ import trio
 from ringbuf._trio_util import open_background_nursery
 
 from ..core.memory import MemoryQuotaNotice
-from ..wire import HEADER, Op, Packet, PacketReader, ProtocolError
+from ..wire import HEADER, Op, Packet, PacketReader, ProtocolError, Request
 from .journal import FsyncPolicy, JournalError, StateDir
 from .outqueue import OutputQueue
 from .trace import Tracer
@@ -202,6 +202,9 @@ class ServerConfig:
     #: handing control back to trio (which then waits as long as needed);
     #: only while no other task needs trio, and never past a trio deadline.
     linger: float = 0.05
+
+
+_tuple_new = tuple.__new__
 
 
 def _lone_reply(conn: Any, deliveries: list) -> bytes | None:
@@ -448,46 +451,46 @@ class XenstoreServer:
                 self.tracer.connection("CREATE", conn.id)
 
     def _receive(self, client: _Client) -> None:
+        """Read and answer what the client sent.
+
+        The usual case is kept short: a client with nothing pending sent one
+        whole request.  If its only output is the reply, that goes out at
+        once, after journaling what the request changed (with ``--fsync
+        power``: after the iteration's group commit); other output, and
+        every other chunk, takes the way of ``_process``.
+        """
         try:
-            data = client.sock.recv(self._recv_size)
+            chunk = client.sock.recv(self._recv_size)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            chunk = b""
+        if not chunk:
             self._close(client)
             return
         if not client.touched and not client.queue.size and not self.tracer:
-            packet = client.reader.whole_packet(data)
-            if packet is not None:
-                self._answer_lone_request(client, packet)
-                return
-        client.reader.feed(data)
-        self._process(client)
-
-    def _answer_lone_request(self, client: _Client, packet: Packet) -> None:
-        """The usual case, kept short: a client with nothing pending sent
-        one whole request.  If its only output is the reply, that goes out
-        at once, after journaling what the request changed (with
-        ``--fsync power``: after the iteration's group commit); other output
-        takes the way of ``_process``."""
-        engine = self.engine
-        data, deliveries = self._answer(client.conn, packet, True)
-        if data is not None and not engine.pending_effects:
-            if engine.store.journal:
-                if self._power:  # sent after the iteration's group commit
-                    self._after_journal.append((client, data))
+            request = client.reader.whole_request(chunk)
+            if request is not None:
+                engine = self.engine
+                data, deliveries = self._answer(client.conn, request, True)
+                if data is not None and not engine.pending_effects:
+                    if engine.store.journal:
+                        if self._power:  # sent after the iteration's group commit
+                            self._after_journal.append((client, data))
+                            return
+                        self._journal(engine.take_changes())  # (a copy into the mapped journal: cheap)
+                    self._send_direct(client, data, (data,))
                     return
-                self._journal(engine.take_changes())  # (a copy into the mapped journal: cheap)
-            self._send_direct(client, data, (data,))
-            return
-        client.touched = True
-        self._touched.append(client)
-        if data is None:
-            self._route(client, packet, deliveries)
-        else:
-            client.replies.append(data)
-            client.reply_bytes += len(data)
+                client.touched = True
+                self._touched.append(client)
+                if data is None:
+                    self._route(client, request, deliveries)
+                else:
+                    client.replies.append(data)
+                    client.reply_bytes += len(data)
+                return
+        client.reader.feed(chunk)
+        self._process(client)
 
     def _process(self, client: _Client) -> None:
         """Run the client's complete requests through the engine (up to its limits)."""
@@ -495,7 +498,7 @@ class XenstoreServer:
             client.touched = True
             self._touched.append(client)
         conn = client.conn
-        next_packet = client.reader.next_packet
+        next_request = client.reader.next_request
         tracer = self.tracer
         answer = self._answer
         quick = conn.privileged and not tracer  # (with a tracer, every request goes the traced way)
@@ -509,17 +512,17 @@ class XenstoreServer:
                 client.stalled = True
                 break
             try:
-                packet = next_packet()
+                request = next_request()
             except ProtocolError as exc:  # len > 4096: answer what came before, then hang up
                 log.info("connection %d: %s; closing it", conn.id, exc)
                 self._close(client, flush_first=True)
                 return
-            if packet is None:
+            if request is None:
                 client.stalled = False
                 break
             if tracer:
-                tracer.packet("IN", conn.id, packet)
-            data, deliveries = answer(conn, packet, quick)
+                tracer.packet("IN", conn.id, _tuple_new(Packet, request))
+            data, deliveries = answer(conn, request, quick)
             if data is not None:
                 replies.append(data)
                 room -= len(data)
@@ -531,24 +534,24 @@ class XenstoreServer:
                     room = self._queue_high - client.queue.size
                 continue
             before = len(replies)
-            room -= self._route(client, packet, deliveries)
+            room -= self._route(client, request, deliveries)
             allowed -= len(replies) - before
         client.reply_bytes = self._queue_high - client.queue.size - room
 
-    def _answer(self, conn: Any, packet: Packet, quick: bool) -> tuple[bytes | None, list | None]:
+    def _answer(self, conn: Any, request: Request, quick: bool) -> tuple[bytes | None, list | None]:
         """Run one request through the engine (its short way first if
         ``quick``): ``(encoded reply, None)`` if the reply is its whole
         output, else ``(None, deliveries)`` (always with a tracer, which
-        logs every delivery)."""
+        logs every delivery).  A Packet is made only for the full way."""
         engine = self.engine
         try:
-            reply = engine.quick_reply(conn, packet[0], packet[2], packet[3]) if quick else None
+            reply = engine.quick_reply(conn, request[0], request[2], request[3]) if quick else None
             if reply is not None:
-                return _pack_header(packet[0], packet[1], packet[2], len(reply)) + reply, None
-            deliveries = engine.handle(conn, packet)
+                return _pack_header(request[0], request[1], request[2], len(reply)) + reply, None
+            deliveries = engine.handle(conn, _tuple_new(Packet, request))
         except Exception:  # an engine bug must not take the daemon down
-            log.exception("engine failed on %r", packet)
-            deliveries = [(conn, packet.error_reply("EIO"))]
+            log.exception("engine failed on %r", request)
+            deliveries = [(conn, _tuple_new(Packet, request).error_reply("EIO"))]
         return (None if self.tracer else _lone_reply(conn, deliveries)), deliveries
 
     def _send_early(self, client: _Client) -> bool:
@@ -563,7 +566,7 @@ class XenstoreServer:
         self._send_output(client)
         return True
 
-    def _route(self, client: _Client, request: Packet, deliveries: list) -> int:
+    def _route(self, client: _Client, request: Request, deliveries: list) -> int:
         """Sort a request's output: replies and own events to the client's
         iteration output, the rest to other connections.  Returns the bytes
         added to the client's replies."""
@@ -582,7 +585,7 @@ class XenstoreServer:
             except ValueError:  # over 4096 bytes
                 if out.op == _WATCH_EVENT:
                     continue  # dropped, as cxenstored does
-                data = request.error_reply("E2BIG").encode()
+                data = _tuple_new(Packet, request).error_reply("E2BIG").encode()
             if out.op == _WATCH_EVENT:
                 if client.own_events is None:
                     client.own_events = []
