@@ -26,12 +26,12 @@ Every file starts with an 8-byte magic and then holds *frames*::
 A journal frame's body is a msgpack array of the change records (see
 ``xenstore.core.store``) that one read batch of one connection committed:
 ``("set", path, value, perms)``, ``("rm", path)``, or a bin ``path NUL
-value`` (a new value for an existing node).  The snapshot holds exactly one frame whose body is
-``{"journal": N, "changes": [...]}``: load the changes, then replay every
-journal file numbered N or higher, in order.  Because the number is written
-in the snapshot, a crash at any point of a compaction leaves a readable
-state: an old snapshot still names the older journals, and those are only
-deleted once the new snapshot is in place.
+value`` (a new value for an existing node).  The snapshot holds exactly
+one frame whose body is ``{"journal": N, "changes": [...]}``: load the
+changes, then replay every journal file numbered N or higher, in order.
+Because the number is written in the snapshot, a crash at any point of a
+compaction leaves a readable state: an old snapshot still names the older
+journals, and those are only deleted once the new snapshot is in place.
 
 A zero length field ends the frames (the unused, zero-filled end of a
 journal; a body is never empty).  A frame that is cut short or fails its CRC (a crash in the middle of a
