@@ -306,7 +306,17 @@ class Engine:
                 answer = None if node is None else node.value if op == _READ else node.children_bytes()
             return answer if answer is not None and len(answer) <= PAYLOAD_MAX else None
         if op == _WRITE:
-            return self._dom0_in_transaction(conn, op, tx_id, payload) if tx_id else self._dom0_write(payload)
+            if tx_id:
+                return self._dom0_in_transaction(conn, op, tx_id, payload)
+            # To an existing dom0-owned node whose path was seen before and
+            # that no watch covers (a guest's node: its memory quota has a say).
+            i = payload.find(b"\0")
+            path = self._arg_paths.remembered(payload[: i + 1], self.limits.path_max) if i >= 0 else None
+            node = None if path is None else self.store.nodes.get(path)
+            if node is None or node.perms.owner or not self._unwatched(path):
+                return None
+            self.store.set_value(path, node, payload[i + 1 :], payload)  # (a remembered path is absolute: the payload is its record)
+            return OK
         if op == _TRANSACTION_START:
             return None if tx_id else self._open_transaction(conn, 0)  # (dom0 has no quota: cannot fail)
         if op == _TRANSACTION_END:
@@ -366,22 +376,6 @@ class Engine:
             tx.firings.append((path, False, ()))  # fired at commit
             return OK
         return node.value if op == _READ else node.children_bytes()
-
-    def _dom0_write(self, payload: bytes) -> bytes | None:
-        """A privileged WRITE outside a transaction to an existing dom0-owned
-        node whose path was seen before and that no watch covers: done, ``OK``.
-        Otherwise ``None`` and nothing changed (take the full way)."""
-        i = payload.find(b"\0")
-        if i < 0:
-            return None
-        path = self._arg_paths.remembered(payload[: i + 1], self.limits.path_max)
-        if path is None:
-            return None
-        node = self.store.nodes.get(path)
-        if node is None or node.perms.owner or not self._unwatched(path):  # (a guest's node: its memory quota has a say)
-            return None
-        self.store.set_value(path, node, payload[i + 1 :], payload)  # (a remembered path is absolute: the payload is its record)
-        return OK
 
     def complete_introduce(self, token: int, error: str | None = None) -> list[Delivery]:
         """Finish a deferred INTRODUCE (``Introduced.pending == token``).

@@ -544,10 +544,11 @@ class XenstoreServer:
         output, else ``(None, deliveries)`` (always with a tracer, which
         logs every delivery).  A Packet is made only for the full way."""
         engine = self.engine
+        op, req_id, tx_id, payload = request
         try:
-            reply = engine.quick_reply(conn, request[0], request[2], request[3]) if quick else None
+            reply = engine.quick_reply(conn, op, tx_id, payload) if quick else None
             if reply is not None:
-                return _pack_header(request[0], request[1], request[2], len(reply)) + reply, None
+                return _pack_header(op, req_id, tx_id, len(reply)) + reply, None
             deliveries = engine.handle(conn, _tuple_new(Packet, request))
         except Exception:  # an engine bug must not take the daemon down
             log.exception("engine failed on %r", request)
