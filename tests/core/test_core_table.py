@@ -102,6 +102,10 @@ SCENARIOS: dict[str, list[tuple]] = {
         (5, 0, Op.GET_DOMAIN_PATH, b"junk|", b"/local/domain/0|"),  # atoi
         (5, 0, Op.GET_DOMAIN_PATH, b"-1|", b"/local/domain/4294967295|"),
     ],
+    "permission domids print as C ints (checked against cxenstored)": [
+        (0, 0, Op.SET_PERMS, b"/pub|n0|r-1|b0xffffffff|w2147483647|r0x7ffffff0|w-999999999|", OK),
+        (0, 0, Op.GET_PERMS, b"/pub|", b"n0|r-1|b-1|w2147483647|r2147483632|w-999999999|"),
+    ],
     "permissions": [
         (5, 0, Op.READ, b"/pub|", b"hello"),
         (5, 0, Op.WRITE, b"/pub|x", "EACCES"),

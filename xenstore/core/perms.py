@@ -69,7 +69,8 @@ class Perms:
         self.owner = pairs[0][1]
         self.other = _LETTER_BITS[pairs[0][0]]
         self.entries = tuple((domid, _LETTER_BITS[letter]) for letter, domid in pairs[1:])
-        self.strings = tuple(f"{letter}{domid}" for letter, domid in pairs)
+        # cxenstored prints a domid with %i: 0xFFFFFFFF (from "r-1") is "r-1".
+        self.strings = tuple(f"{letter}{domid - (1 << 32) if domid >= 1 << 31 else domid}" for letter, domid in pairs)
         self.wire = "".join(s + "\0" for s in self.strings).encode()
 
     @classmethod
