@@ -28,63 +28,18 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import signal
-import socket
 import statistics
-import struct
-import subprocess
 import sys
-import tempfile
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from xenstore.wire import HEADER, Op  # noqa: E402
+from xsdaemons import Client, daemons  # noqa: E402
+
+from xenstore.wire import Op  # noqa: E402
 
 KEYS = 100
 VALUE = b"v" * 8
-
-
-# -- a minimal blocking client ---------------------------------------------------
-
-
-class Client:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.buf = bytearray()
-        self.req = 0
-
-    def request(self, op: int, payload: bytes, tx: int = 0) -> bytes:
-        self.req += 1
-        return HEADER.pack(op, self.req, tx, len(payload)) + payload
-
-    def replies(self, n: int) -> list[tuple[int, bytes]]:
-        """Read ``n`` replies (watch events are skipped)."""
-        out = []
-        buf = self.buf
-        recv = self.sock.recv
-        while len(out) < n:
-            while len(buf) < 16 or len(buf) < 16 + HEADER.unpack_from(buf)[3]:
-                chunk = recv(1 << 16)
-                if not chunk:
-                    raise ConnectionError("daemon closed the connection")
-                buf += chunk
-            op, _, _, length = HEADER.unpack_from(buf)
-            payload = bytes(buf[16 : 16 + length])
-            del buf[: 16 + length]
-            if op != Op.WATCH_EVENT:
-                out.append((op, payload))
-        return out
-
-    def call(self, op: int, payload: bytes, tx: int = 0) -> tuple[int, bytes]:
-        self.sock.sendall(self.request(op, payload, tx))
-        return self.replies(1)[0]
-
-    def pid_of_peer(self) -> int:
-        cred = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", cred)[0]
 
 
 def _key(base: bytes, i: int) -> bytes:
@@ -282,29 +237,6 @@ def run_suite(paths: list[str], args) -> list[Row]:
 # -- daemons ---------------------------------------------------------------------------
 
 
-def start_ours(tmp: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    path = os.path.join(tmp, "ours.sock")
-    # This checkout's daemon, wherever the script is run from.
-    env = dict(os.environ, XENSTORED_PATH=path, PYTHONPATH=os.pathsep.join(filter(None, (_REPO, os.environ.get("PYTHONPATH")))))
-    cmd = [sys.executable, "-m", "xenstore.daemon.main", "-N", "--state-dir", os.path.join(tmp, "state"), *extra]
-    proc = subprocess.Popen(cmd, env=env)
-    _wait_socket(path, proc)
-    return proc, path
-
-
-def _wait_socket(path: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError("daemon exited at start-up")
-        try:
-            Client(path).sock.close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing answers on {path}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare-socket", metavar="PATH", help="socket of a running daemon to compare with")
@@ -317,30 +249,10 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
     p.add_argument("--only", action="append", default=[], metavar="TEXT", help="only the throughput rows whose label contains TEXT (repeatable; skips watches and memory)")
     args = p.parse_args()
-    # SIGTERM cleans up like ^C: both daemons are stopped, temp files removed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.quick:
         args.ops, args.nodes, args.repeat = 2000, 10000, 1
-    tmp = tempfile.mkdtemp(prefix="xsbench-", dir="/tmp")
-    theirs_pid = None
-    ours_proc = None
-    try:
-        ours_proc, ours_path = start_ours(tmp, args.ours_arg)
-        theirs_path = args.compare_socket
-        if args.compare_start:
-            theirs_path = os.path.join(tmp, "theirs.sock")
-            out = subprocess.run([args.compare_start, theirs_path], check=True, stdout=subprocess.PIPE, text=True).stdout
-            theirs_pid = int(out.split()[-1])
-            _wait_socket(theirs_path)
-        paths = [ours_path] + ([theirs_path] if theirs_path else [])
+    with daemons(args.compare_start, args.compare_socket, args.ours_arg, "xsbench-") as paths:
         rows = run_suite(paths, args)
-    finally:
-        if ours_proc is not None:
-            ours_proc.send_signal(signal.SIGTERM)
-            ours_proc.wait(10)
-        if theirs_pid is not None:
-            os.kill(theirs_pid, signal.SIGTERM)
-        subprocess.run(["rm", "-rf", tmp])
     header = f"{'benchmark':40} {'ours':>12}"
     if len(paths) > 1:
         header += f" {'theirs':>12} {'ratio':>7}"
