@@ -14,7 +14,9 @@ an unprivileged creator; transactions read live nodes at first access and
 fail with EAGAIN iff a node they looked at changed since (once that happened
 the transaction's replies are not checked: cxenstored's own view is then
 its first-access copies, which the model does not keep); watch events with
-the RM / transaction / permission-filter rules.
+the RM / transaction / permission-filter rules; a domain's death (its
+nodes, watches and transaction go) and a new domain with its domid, whose
+ACL entries on nodes written before it came do not count (stale domids).
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ def ancestors(path: str):
         yield path
 
 
-def access(perms: tuple[str, ...], domid: int) -> int:
+def access(perms: tuple[str, ...], domid: int, stale: bool = False) -> int:
+    """``stale``: the caller's entries do not count (its domain was not
+    known when the node was last written)."""
     if domid == 0 or int(perms[0][1:]) == domid:
         return READ | WRITE | OWNER
     for entry in perms[1:]:
-        if int(entry[1:]) == domid:
+        if int(entry[1:]) == domid and not stale:
             return BITS[entry[0]]
     return BITS[perms[0][0]]
 
@@ -86,6 +90,9 @@ class Model:
         self.live = dict(nodes)
         self.stamp: dict[str, int] = {p: 0 for p in nodes}
         self.clock = 0
+        #: domid -> clock when xenstored last came to know it (a new domain
+        #: reusing a dead one's domid): older nodes' entries naming it are stale.
+        self.known: dict[int, int] = {}
 
     def version(self, path: str) -> int | None:
         return self.stamp[path] if path in self.live else None
@@ -151,11 +158,17 @@ class Model:
     def conflicts(self, tx: Tx) -> bool:
         return any(self.version(p) != v for p, v in tx.seen.items())
 
+    def stale(self, tx: Tx | None, domid: int, path: str) -> bool:
+        """Are ``domid``'s entries on ``path`` (as ``tx`` sees it) stale?"""
+        if tx is not None and path in tx.own:
+            return False  # written by this transaction, after the domain came
+        return self.stamp.get(path, 0) < self.known.get(domid, 0)
+
     def find(self, tx, domid: int, path: str, perm: int):
         """(node or None, error name or None) like cxenstored get_node."""
         node = self.get(tx, path)
         if node is not None:
-            if (access(node[1], domid) & perm) == perm:
+            if (access(node[1], domid, self.stale(tx, domid, path)) & perm) == perm:
                 return node, None
             if path != "/":
                 self.get(tx, parent(path))  # cxenstored looks at the parent too
@@ -165,7 +178,7 @@ class Model:
             anc = self.get(tx, a)
             if anc is not None:
                 break
-        if domid == 0 or access(anc[1], domid) & perm:
+        if domid == 0 or access(anc[1], domid, self.stale(tx, domid, a)) & perm:
             return None, None
         return None, "EACCES"
 
@@ -176,6 +189,8 @@ class EngineVsModel(RuleBasedStateMachine):
         self.engine = Engine()
         self.conns = {d: self.engine.connect(d, privileged=(d == 0)) for d in DOMIDS}
         c0 = self.conns[0]
+        for d in DOMIDS[1:]:  # introduced: they can die (domain_dies_and_comes_back)
+            self.engine.handle(c0, Packet(Op.INTRODUCE, 1, 0, b"%d\x001\x005\x00" % d))
         for path, perms in INITIAL_TREE:
             self.engine.handle(c0, Packet(Op.WRITE, 1, 0, path.encode() + b"\0"))
             payload = path.encode() + b"\0" + "".join(p + "\0" for p in perms).encode()
@@ -424,6 +439,40 @@ class EngineVsModel(RuleBasedStateMachine):
                 break
         else:
             self.expect(reply, Op.UNWATCH, "ENOENT")
+
+    @rule(domid=st.sampled_from((5, 6)))
+    def domain_dies_and_comes_back(self, domid):
+        """The domain dies (its watches, transaction and owned nodes go,
+        RM-style events for the nodes) and a new one with the same domid is
+        introduced after some other write: ACL entries naming the old one
+        are stale on every node written before."""
+        self._write_like(0, "/unrelated", b"", False, Op.WRITE)
+        self.txs[domid] = None
+        self.watches[domid] = []
+        events = []
+        model = self.model
+        stack = ["/"]
+        while stack:
+            p = stack.pop()
+            node = model.live.get(p)
+            if node is None:
+                continue
+            if p != "/" and int(node[1][0][1:]) == domid:
+                view = {q: model.live[q] for q in model.subtree_postorder(None, p)}
+                view[parent(p)] = model.live[parent(p)]
+                for q in model.delete(None, p):
+                    events += self.fire(q, q != p, (view[q][1], view[parent(q)][1]))
+                continue
+            prefix = p if p != "/" else ""
+            stack.extend(f"{prefix}/{name}" for name in reversed(model.children(None, p)))
+        out = self.engine.domain_died(domid)
+        by_id = {c.id: d for d, c in self.conns.items()}
+        self.events = sorted((by_id[c.id], p.payload) for c, p in out if p.op == Op.WATCH_EVENT and c.id in by_id)
+        self.expect_events(events)
+        reply = self.engine.handle(self.conns[0], Packet(Op.INTRODUCE, 1, 0, b"%d\x001\x005\x00" % domid))
+        assert [p.payload for c, p in reply if c is self.conns[0]] == [b"OK\0"], reply
+        model.known[domid] = model.clock
+        self._start(domid)
 
     # -- invariants ---------------------------------------------------------------
 
