@@ -5,53 +5,66 @@ is the single authority for domains, their memory, grant tables and event
 channels.  See the submodules for details.
 """
 
-# Event channels
-from .evtchn import VIRQ_DOM_EXC as VIRQ_DOM_EXC
-from .evtchn import EventChannel as EventChannel
-from .evtchn import PeerClosedError as PeerClosedError
-from .evtchn import eventfd_pair as eventfd_pair
+from __future__ import annotations
 
-# Domain memory
-from .memory import PAGE_SIZE as PAGE_SIZE
-from .memory import DomainMemory as DomainMemory
-from .memory import FrameAllocator as FrameAllocator
+import importlib
+from typing import Any
 
-# Grant tables
-from .grants import CopySegment as CopySegment
-from .grants import CopySide as CopySide
-from .grants import GrantEntry as GrantEntry
-from .grants import GrantError as GrantError
-from .grants import GrantTableView as GrantTableView
+# The public names, by the submodule that defines them.  They are imported
+# on first use (PEP 562): a process that needs one corner of the package
+# -- xenstored without guests needs only ``_trio_util`` -- does not load
+# ctypes, the hypervisor client and the ring layouts (2.4 MiB, 40 ms).
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    # Event channels
+    "evtchn": ("VIRQ_DOM_EXC", "EventChannel", "PeerClosedError", "eventfd_pair"),
+    # Domain memory
+    "memory": ("PAGE_SIZE", "DomainMemory", "FrameAllocator"),
+    # Grant tables
+    "grants": ("CopySegment", "CopySide", "GrantEntry", "GrantError", "GrantTableView"),
+    # Hypervisor service client
+    "hypervisor": (
+        "DOMID_SELF",
+        "DomainInfo",
+        "GrantMapping",
+        "HypervisorClient",
+        "HypervisorError",
+        "open_hypervisor",
+    ),
+    # Generic shared rings (ring.h)
+    "ring": (
+        "RING_IDX_MASK",
+        "BackRing",
+        "FrontRing",
+        "RingFullError",
+        "RingIndexError",
+        "RingStatistics",
+        "RingTypes",
+        "SharedRing",
+        "define_ring_types",
+        "ring_size",
+    ),
+    # Byte rings (xenstore and console pages)
+    "byte_ring": ("ByteQueue", "ByteRing", "ByteRingRole", "ConsoleRing", "XenstoreRing"),
+    # Ring types of the split drivers
+    "layouts": ("BLKIF_RING", "NETIF_CTRL_RING", "NETIF_RX_RING", "NETIF_TX_RING"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-# Hypervisor service client
-from .hypervisor import DOMID_SELF as DOMID_SELF
-from .hypervisor import DomainInfo as DomainInfo
-from .hypervisor import GrantMapping as GrantMapping
-from .hypervisor import HypervisorClient as HypervisorClient
-from .hypervisor import HypervisorError as HypervisorError
-from .hypervisor import open_hypervisor as open_hypervisor
 
-# Generic shared rings (ring.h)
-from .ring import RING_IDX_MASK as RING_IDX_MASK
-from .ring import BackRing as BackRing
-from .ring import FrontRing as FrontRing
-from .ring import RingFullError as RingFullError
-from .ring import RingIndexError as RingIndexError
-from .ring import RingStatistics as RingStatistics
-from .ring import RingTypes as RingTypes
-from .ring import SharedRing as SharedRing
-from .ring import define_ring_types as define_ring_types
-from .ring import ring_size as ring_size
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:  # a submodule not imported yet, as an eager package offers it
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # (the next lookup is a plain one)
+    return value
 
-# Byte rings (xenstore and console pages)
-from .byte_ring import ByteQueue as ByteQueue
-from .byte_ring import ByteRing as ByteRing
-from .byte_ring import ByteRingRole as ByteRingRole
-from .byte_ring import ConsoleRing as ConsoleRing
-from .byte_ring import XenstoreRing as XenstoreRing
 
-# Ring types of the split drivers
-from .layouts import BLKIF_RING as BLKIF_RING
-from .layouts import NETIF_CTRL_RING as NETIF_CTRL_RING
-from .layouts import NETIF_RX_RING as NETIF_RX_RING
-from .layouts import NETIF_TX_RING as NETIF_TX_RING
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -7,13 +7,15 @@ With ``--hypervisor``, ``hypervisor_link`` serves introduced guests over
 their ring page and event channel (``domain_conn``: one guest's ring).
 """
 
-from .domain_conn import DomainConnection as DomainConnection
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .journal import FsyncPolicy as FsyncPolicy
 from .journal import JournalError as JournalError
 from .journal import Recovered as Recovered
 from .journal import StateDir as StateDir
-from .hypervisor_link import HypervisorLink as HypervisorLink
 from .outqueue import OutputQueue as OutputQueue
 from .server import Listener as Listener
 from .server import ServerConfig as ServerConfig
@@ -21,6 +23,20 @@ from .server import XenstoreServer as XenstoreServer
 from .server import default_socket_path as default_socket_path
 from .server import open_listener as open_listener
 from .trace import Tracer as Tracer
+
+# Guests' rings are only served with --hypervisor: their modules (and the
+# ring layer under them) load on first use.
+_LAZY = {"DomainConnection": "domain_conn", "HypervisorLink": "hypervisor_link"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DomainConnection",
