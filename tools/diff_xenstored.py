@@ -76,6 +76,13 @@ def random_request(r: random.Random, open_txs: list[int]) -> tuple[int, bytes, i
     return choices[-1][1]()
 
 
+def _type_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:  # (an unknown type, sent on purpose)
+        return str(op)
+
+
 def _comparable(op: int, reply: tuple[int, bytes]) -> tuple[int, bytes]:
     if op == Op.DIRECTORY_PART and reply[0] == Op.DIRECTORY_PART:
         return reply[0], reply[1].split(b"\0", 1)[1]  # drop the generation
@@ -114,7 +121,7 @@ def run_seed(ours: str, theirs: str, seed: int, steps: int, shown: int) -> bool:
         events = [sorted(set(c.events)) if op in _FIRING else [] for c in clients]
         for c in clients:
             c.events.clear()
-        trail.append(f"{step:4} {Op(op).name if op in Op._value2member_map_ else op} tx={tx} {payload[:60]!r} -> {replies[0]!r:.60}")
+        trail.append(f"{step:4} {_type_name(op)} tx={tx} {payload[:60]!r} -> {replies[0]!r:.60}")
         if _comparable(op, replies[0]) != _comparable(op, replies[1]) or events[0] != events[1]:
             print(f"seed {seed}: step {step} differs")
             print("\n".join(trail[-shown:]))
