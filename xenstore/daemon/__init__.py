@@ -4,13 +4,10 @@
 ``journal`` persistence (journal + snapshots), ``outqueue`` the bounded
 per-connection output queue and ``trace`` the ``-T`` trace file.
 With ``--hypervisor``, ``hypervisor_link`` serves introduced guests over
-their ring page and event channel (``domain_conn``: one guest's ring).
+their ring page and event channel (``domain_conn``: one guest's ring);
+import them from there: they load the ring layer, which a daemon without
+guests does without.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from .journal import FsyncPolicy as FsyncPolicy
 from .journal import JournalError as JournalError
@@ -24,24 +21,8 @@ from .server import default_socket_path as default_socket_path
 from .server import open_listener as open_listener
 from .trace import Tracer as Tracer
 
-# Guests' rings are only served with --hypervisor: their modules (and the
-# ring layer under them) load on first use.
-_LAZY = {"DomainConnection": "domain_conn", "HypervisorLink": "hypervisor_link"}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
 __all__ = [
-    "DomainConnection",
     "FsyncPolicy",
-    "HypervisorLink",
     "JournalError",
     "Listener",
     "OutputQueue",
