@@ -93,6 +93,26 @@ def test_journal_alone_rebuilds_from_a_bare_root(engine, dom0):
     assert Store.from_changes(engine.take_changes()).snapshot() == engine.store.snapshot()
 
 
+def test_a_child_costs_its_parent_no_string_of_its_own(engine, dom0):
+    """A parent's child list holds the very path strings that key the store
+    (memory: no name per child), whichever way the child came."""
+
+    def shares_keys(store):
+        keys = {path: path for path in store.nodes}  # equal -> the store's own object
+        return all(child is keys[child] for node in store.nodes.values() for child in node.children)
+
+    req(engine, dom0, Op.WRITE, b"/a/b/c|1")
+    tx = int(req(engine, dom0, Op.TRANSACTION_START, b"|")[-1][2][:-1])
+    req(engine, dom0, Op.WRITE, b"/a/t|2", tx)
+    req(engine, dom0, Op.TRANSACTION_END, b"T|", tx)
+    assert list(engine.store.nodes["/a"].children) == ["/a/b", "/a/t"]
+    assert shares_keys(engine.store)
+    assert shares_keys(Store.from_changes(engine.store.snapshot()))
+    req(engine, dom0, Op.RM, b"/a/b|")
+    assert list(engine.store.nodes["/a"].children) == ["/a/t"]
+    assert req(engine, dom0, Op.DIRECTORY, b"/a|")[-1][2] == b"t\0"
+
+
 def test_apply_rejects_orphans_and_ignores_rm_of_missing():
     store = Store()
     with pytest.raises(ValueError):

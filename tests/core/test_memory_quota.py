@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from xenstore.core import Engine, Limits, MemoryQuotaNotice, Perms, Store
 from xenstore.core.memory import (
     MemoryLedger,
+    children_len,
     creation_memory,
     node_memory,
     record_memory,
@@ -72,8 +73,10 @@ def assert_ledger_exact(engine) -> None:
 def test_record_and_node_memory():
     # /local/domain/5 owned by dom5, no value, no children: 24 + 8 + 15.
     assert record_memory(len("/local/domain/5"), 0, 1, 0) == 47
-    node = Node(b"xyz", Perms.parse(["n5", "r0"]), {"ab": None, "c": None}, 0)
+    node = Node(b"xyz", Perms.parse(["n5", "r0"]), {"/x/y/ab": None, "/x/y/c": None}, 0)
     assert node_memory("/x/y", node) == 24 + 2 * 8 + 3 + (3 + 2) + 4
+    top = Node(b"", Perms.parse(["n0"]), {"/local": None, "/tool": None}, 0)
+    assert children_len("/", top.children) == len("local\0tool\0")
 
 
 def test_watch_and_transaction_rules():

@@ -68,7 +68,7 @@ from .domains import (
     Released,
 )
 from .limits import WIRE_QUOTA_NAMES, Limits
-from .memory import PERM_ENTRY, creation_memory, node_memory, recompute, watch_memory
+from .memory import PERM_ENTRY, children_len, creation_memory, node_memory, recompute, watch_memory
 from .paths import ArgumentPaths, ancestors, parent_of, resolve, resolve_watch_path
 from .perms import OWNER, READ, WRITE, Perms, parse_domid
 from .store import Change, Node, Overlay, Store, record_size
@@ -578,16 +578,18 @@ class Engine:
 
     # ------------------------------------------------------------- quotas
 
-    def _check_create(self, conn: Connection, layer, top: Node, top_name: str, new: int, leaf_len: int, perms: Perms) -> None:
-        """Quotas of an unprivileged caller creating ``new`` nodes under ``top``."""
+    def _check_create(self, conn: Connection, layer, top_path: str, top: Node, entry_len: int, new: int, leaf_len: int, perms: Perms) -> None:
+        """Quotas of an unprivileged caller creating ``new`` nodes under
+        ``top`` (at ``top_path``), whose child list grows by ``entry_len``
+        bytes."""
         domid = conn.domid
         limit = self.quota("nodes", domid)
         if limit and layer.owner_count(domid) + new > limit:
             raise _err("ENOSPC")
         limit = self.quota("node-size", domid)
         if limit and (
-            record_size(leaf_len, perms, ()) >= limit
-            or record_size(len(top.value), top.perms, (*top.children, top_name)) >= limit
+            record_size(leaf_len, perms, 0) >= limit
+            or record_size(len(top.value), top.perms, children_len(top_path, top.children) + entry_len) >= limit
         ):
             raise _err("ENOSPC")
 
@@ -627,7 +629,7 @@ class Engine:
         else:
             if not conn.privileged:
                 limit = self.quota("node-size", conn.domid)
-                if limit and record_size(len(value), node.perms, node.children) >= limit:
+                if limit and record_size(len(value), node.perms, children_len(path, node.children)) >= limit:
                     raise _err("ENOSPC")
             if node.perms.owner if tx is None else layer.charge_to:  # memory quota (dom0 is exempt)
                 self._check_memory(layer, node.perms.owner, len(value) - len(node.value))
@@ -650,7 +652,7 @@ class Engine:
         if not conn.privileged:
             perms = perms.with_owner(conn.domid)
             first = missing[-1]
-            self._check_create(conn, layer, top, first[first.rfind("/") + 1 :], len(missing), len(value), perms)
+            self._check_create(conn, layer, p, top, len(first) - first.rfind("/"), len(missing), len(value), perms)
         if (perms.owner or top.perms.owner) if layer is self.store else layer.charge_to:  # memory quota (dom0 is exempt)
             records, grown = creation_memory(missing, len(value), len(perms))
             if layer is not self.store:
@@ -774,7 +776,7 @@ class Engine:
             if perms.owner != old.owner:
                 raise _err("EPERM")
             limit = self.quota("node-size", conn.domid)
-            if limit and record_size(len(node.value), perms, node.children) >= limit:
+            if limit and record_size(len(node.value), perms, children_len(path, node.children)) >= limit:
                 raise _err("ENOSPC")
         if perms.owner if tx is None else layer.charge_to:  # memory quota: the (new) owner pays; dom0 is exempt
             grown = PERM_ENTRY * (len(perms) - len(old))
@@ -980,8 +982,7 @@ class Engine:
                         self._remove(None, store, p)
                         continue
                     store.put(p, node.value, node.perms.with_owner(0))
-                prefix = p if p != "/" else ""
-                stack.extend(f"{prefix}/{name}" for name in reversed(node.children))
+                stack.extend(reversed(node.children))
         self.domains.forget(domid)
         for c in self._conns.values():
             if c.target == domid:

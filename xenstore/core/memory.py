@@ -40,7 +40,7 @@ them with the ``outstanding`` quota, so they are not accounted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Mapping, NamedTuple
 
 if TYPE_CHECKING:  # (memory.py is imported by store.py: no run-time import back)
     from .connection import Connection
@@ -67,9 +67,14 @@ RECORD_HEADER = 24
 PERM_ENTRY = 8
 
 
-def children_len(children: Iterable[str]) -> int:
-    """Bytes of a node's child list: each name with its NUL (``childlen``)."""
-    return sum(len(name) + 1 for name in children)
+def children_len(path: str, children: Collection[str]) -> int:
+    """Bytes of the child list of the node at ``path`` (``childlen``): each
+    name with its NUL.  ``children`` are the children's full paths, each
+    ``path`` + "/" + name (just "/" + name under the root)."""
+    # A child's path is longer than its entry (name + NUL) by len(path),
+    # except under the root.
+    extra = len(path) if path != "/" else 0
+    return sum(map(len, children)) - extra * len(children)
 
 
 def record_memory(path_len: int, value_len: int, nperms: int, childlen: int) -> int:
@@ -79,7 +84,7 @@ def record_memory(path_len: int, value_len: int, nperms: int, childlen: int) -> 
 
 def node_memory(path: str, node: "Node") -> int:
     """Memory charged for ``node`` at ``path`` (its record + key)."""
-    return RECORD_HEADER + PERM_ENTRY * len(node.perms) + len(node.value) + children_len(node.children) + len(path)
+    return RECORD_HEADER + PERM_ENTRY * len(node.perms) + len(node.value) + children_len(path, node.children) + len(path)
 
 
 def watch_memory(path: str, token: bytes) -> int:
@@ -175,12 +180,13 @@ class MemoryLedger:
 
     # -- node records of the live store (called by Store.put/delete) ---------
 
-    def node_created(self, path: str, value_len: int, perms: "Perms", parent_owner: int, name: str) -> None:
-        """A new leaf ``path`` and its parent's longer child list."""
+    def node_created(self, path: str, value_len: int, perms: "Perms", parent_owner: int, entry_len: int) -> None:
+        """A new leaf ``path`` and its parent's child list, ``entry_len``
+        bytes longer (its name and NUL)."""
         if perms.owner:
             self.add(perms.owner, RECORD_HEADER + PERM_ENTRY * len(perms) + value_len + len(path))
         if parent_owner:
-            self.add(parent_owner, len(name) + 1)
+            self.add(parent_owner, entry_len)
 
     def node_updated(self, path: str, node: "Node", value_len: int, perms: "Perms") -> None:
         """``node`` (still unchanged) gets a new value and permissions."""

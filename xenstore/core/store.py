@@ -47,9 +47,11 @@ NO_CHILDREN: Mapping[str, None] = MappingProxyType({})
 
 
 class Node:
-    """One node.  ``children`` keys are names in creation order (a shared
+    """One node.  ``children`` keys are the children's full paths in
+    creation order: the very strings that key the store's ``nodes``, so a
+    child costs its parent a dict slot and no name of its own.  (A shared
     read-only empty mapping for a live leaf: the store swaps in a dict when
-    the first child comes).  Whoever changes ``children`` resets
+    the first child comes.)  Whoever changes ``children`` resets
     ``listing``, the cached ``DIRECTORY`` payload."""
 
     __slots__ = ("value", "perms", "children", "generation", "listing")
@@ -68,18 +70,22 @@ class Node:
         listing = self.listing
         if listing is None:
             children = self.children
-            listing = self.listing = ("\0".join(children) + "\0").encode() if children else b""
+            if children:
+                cut = next(iter(children)).rfind("/") + 1  # (siblings share the prefix)
+                listing = self.listing = ("\0".join([child[cut:] for child in children]) + "\0").encode()
+            else:
+                listing = self.listing = b""
         return listing
 
     def __repr__(self) -> str:
         return f"Node({self.value!r}, {self.perms!r}, {list(self.children)}, gen={self.generation})"
 
 
-def record_size(value_len: int, perms: Perms, children: Iterable[str]) -> int:
+def record_size(value_len: int, perms: Perms, childlen: int) -> int:
     """cxenstored's stored record size, what the ``node-size`` quota limits:
-    24-byte header + 8 bytes per permission entry + value + child names
-    (each with its NUL)."""
-    return 24 + 8 * len(perms) + value_len + sum(len(c) + 1 for c in children)
+    24-byte header + 8 bytes per permission entry + value + the child list
+    (``childlen`` bytes: see :func:`~.memory.children_len`)."""
+    return 24 + 8 * len(perms) + value_len + childlen
 
 
 def _copy(node: Node) -> Node:
@@ -140,17 +146,17 @@ class Store:
         node = self.nodes.get(path)
         counts = self.owner_counts
         if node is None:
-            parent_path, name = _split(path)
-            parent = self.nodes[parent_path]
+            cut = path.rfind("/")
+            parent = self.nodes[path[:cut] if cut else "/"]
             if parent.children is NO_CHILDREN:
                 parent.children = {}
-            parent.children[name] = None
+            parent.children[path] = None
             parent.listing = None
             parent.generation = gen
             self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             counts[perms.owner] = counts.get(perms.owner, 0) + 1
             if perms.owner or parent.perms.owner:  # memory quota: dom0 is not tracked
-                self.memory.node_created(path, len(value), perms, parent.perms.owner, name)
+                self.memory.node_created(path, len(value), perms, parent.perms.owner, len(path) - cut)
             created = True
         else:
             old_owner = node.perms.owner
@@ -193,7 +199,7 @@ class Store:
                 memory.node_removed(p, n)
         parent_path, name = _split(path)
         parent = nodes[parent_path]
-        del parent.children[name]
+        del parent.children[path]
         if parent.perms.owner:
             memory.add(parent.perms.owner, -len(name) - 1)
         parent.listing = None
@@ -212,9 +218,7 @@ class Store:
                 yield p, n
                 continue
             stack.append((p, n, True))
-            prefix = p if p != "/" else ""
-            for name in reversed(n.children):
-                child = f"{prefix}/{name}"
+            for child in reversed(n.children):
                 stack.append((child, nodes[child], False))
 
     # -- persistence ------------------------------------------------------------
@@ -256,8 +260,7 @@ class Store:
             p = stack.pop()
             n = nodes[p]
             out.append(("set", p, n.value, list(n.perms.strings)))
-            prefix = p if p != "/" else ""
-            stack.extend(f"{prefix}/{name}" for name in reversed(n.children))
+            stack.extend(reversed(n.children))
         return out
 
     @classmethod
@@ -373,11 +376,11 @@ class Overlay:
         if node is None:
             parent_path, name = _split(path)
             parent = self._own(parent_path, self.get(parent_path))
-            if self.charge_to and name not in parent.children:  # memory quota: a longer child list
+            if self.charge_to and path not in parent.children:  # memory quota: a longer child list
                 self._charge(len(name) + 1)
             if parent.children is NO_CHILDREN:
                 parent.children = {}
-            parent.children[name] = None
+            parent.children[path] = None
             parent.listing = None
             parent.generation = gen
             self.nodes[path] = Node(value, perms, {}, gen)
@@ -409,10 +412,10 @@ class Overlay:
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
             if self.charge_to:  # memory quota: the copy goes
                 self._charge(-node_memory(p, n) - self.tag)
-        if name in parent.children:  # (absent only if the live tree moved under us)
+        if path in parent.children:  # (absent only if the live tree moved under us)
             if self.charge_to:
                 self._charge(-len(name) - 1)
-            del parent.children[name]
+            del parent.children[path]
         parent.listing = None
         parent.generation = self.live.generation = self.live.generation + 1
         self.ops.append(("rm", path))
@@ -431,9 +434,7 @@ class Overlay:
                 out.append((p, n))
                 continue
             stack.append((p, n, True))
-            prefix = p if p != "/" else ""
-            for name in reversed(n.children):
-                child = f"{prefix}/{name}"
+            for child in reversed(n.children):
                 stack.append((child, self.get(child), False))
         return iter(out)
 
