@@ -46,35 +46,46 @@ _ROOT_PERMS = Perms.owned_by(0)
 NO_CHILDREN: Mapping[str, None] = MappingProxyType({})
 
 
-class Node:
-    """One node.  ``children`` keys are the children's full paths in
-    creation order: the very strings that key the store's ``nodes``, so a
-    child costs its parent a dict slot and no name of its own.  (A shared
-    read-only empty mapping for a live leaf: the store swaps in a dict when
-    the first child comes.)  Whoever changes ``children`` resets
-    ``listing``, the cached ``DIRECTORY`` payload."""
+class Children(dict):
+    """A node's child list: the children's full paths in creation order
+    (the very strings that key the store's ``nodes``, so a child costs its
+    parent a dict slot and no name of its own), plus ``listing``, the
+    cached ``DIRECTORY`` payload (``None``: not built since the last
+    change).  Whoever adds or removes a child resets ``listing``.  (It
+    lives here, not in the node, because most nodes are leaves: a slot less
+    makes every node 16 bytes smaller.)"""
 
-    __slots__ = ("value", "perms", "children", "generation", "listing")
+    __slots__ = ("listing",)
+
+    def __init__(self, paths: Mapping[str, None] = NO_CHILDREN, listing: bytes | None = None) -> None:
+        dict.__init__(self, paths)
+        self.listing = listing
+
+
+class Node:
+    """One node.  ``children`` is its :class:`Children`, or the shared
+    read-only empty ``NO_CHILDREN`` for a live leaf (the store swaps in a
+    ``Children`` when the first child comes)."""
+
+    __slots__ = ("value", "perms", "children", "generation")
 
     def __init__(self, value: bytes, perms: Perms, children: Mapping[str, None], generation: int) -> None:
         self.value = value
         self.perms = perms
         self.children = children
         self.generation = generation
-        self.listing: bytes | None = None
 
     def children_bytes(self) -> bytes:
         """The ``DIRECTORY`` payload: each name followed by a NUL (cached
         until the children change: directories are listed far more often
         than they change)."""
-        listing = self.listing
+        children = self.children
+        if not children:
+            return b""
+        listing = children.listing
         if listing is None:
-            children = self.children
-            if children:
-                cut = next(iter(children)).rfind("/") + 1  # (siblings share the prefix)
-                listing = self.listing = ("\0".join([child[cut:] for child in children]) + "\0").encode()
-            else:
-                listing = self.listing = b""
+            cut = next(iter(children)).rfind("/") + 1  # (siblings share the prefix)
+            listing = children.listing = ("\0".join([child[cut:] for child in children]) + "\0").encode()
         return listing
 
     def __repr__(self) -> str:
@@ -90,9 +101,9 @@ def record_size(value_len: int, perms: Perms, childlen: int) -> int:
 
 def _copy(node: Node) -> Node:
     """A transaction's private copy of a live node (a leaf keeps the shared
-    read-only ``NO_CHILDREN``: whoever adds a child swaps in a dict)."""
+    read-only ``NO_CHILDREN``: whoever adds a child swaps in a ``Children``)."""
     children = node.children
-    return Node(node.value, node.perms, children if children is NO_CHILDREN else dict(children), node.generation)
+    return Node(node.value, node.perms, children if children is NO_CHILDREN else Children(children, children.listing), node.generation)
 
 
 def value_record(path: str, value: bytes) -> bytes:
@@ -119,7 +130,7 @@ class Store:
     __slots__ = ("nodes", "generation", "journal", "owner_counts", "memory", "_perms_cache")
 
     def __init__(self, *, initial: bool = True) -> None:
-        self.nodes: dict[str, Node] = {"/": Node(b"", _ROOT_PERMS, {}, 0)}
+        self.nodes: dict[str, Node] = {"/": Node(b"", _ROOT_PERMS, Children(), 0)}
         self.generation = 0
         self.journal: list[Change] = []
         #: Nodes owned per domid (entry 0 of the perms): the ``nodes`` quota.
@@ -148,10 +159,11 @@ class Store:
         if node is None:
             cut = path.rfind("/")
             parent = self.nodes[path[:cut] if cut else "/"]
-            if parent.children is NO_CHILDREN:
-                parent.children = {}
-            parent.children[path] = None
-            parent.listing = None
+            children = parent.children
+            if children is NO_CHILDREN:
+                children = parent.children = Children()
+            children[path] = None
+            children.listing = None
             parent.generation = gen
             self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             counts[perms.owner] = counts.get(perms.owner, 0) + 1
@@ -199,10 +211,11 @@ class Store:
                 memory.node_removed(p, n)
         parent_path, name = _split(path)
         parent = nodes[parent_path]
-        del parent.children[path]
+        children = parent.children
+        del children[path]
+        children.listing = None
         if parent.perms.owner:
             memory.add(parent.perms.owner, -len(name) - 1)
-        parent.listing = None
         parent.generation = self.generation = self.generation + 1
         self.journal.append(("rm", path))
         return removed
@@ -378,12 +391,13 @@ class Overlay:
             parent = self._own(parent_path, self.get(parent_path))
             if self.charge_to and path not in parent.children:  # memory quota: a longer child list
                 self._charge(len(name) + 1)
-            if parent.children is NO_CHILDREN:
-                parent.children = {}
-            parent.children[path] = None
-            parent.listing = None
+            children = parent.children
+            if children is NO_CHILDREN:
+                children = parent.children = Children()
+            children[path] = None
+            children.listing = None
             parent.generation = gen
-            self.nodes[path] = Node(value, perms, {}, gen)
+            self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             delta[perms.owner] = delta.get(perms.owner, 0) + 1
             if self.charge_to:  # memory quota: the new record
                 self._charge(node_memory(path, self.nodes[path]) + self.tag)
@@ -412,11 +426,12 @@ class Overlay:
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
             if self.charge_to:  # memory quota: the copy goes
                 self._charge(-node_memory(p, n) - self.tag)
-        if path in parent.children:  # (absent only if the live tree moved under us)
+        children = parent.children
+        if path in children:  # (absent only if the live tree moved under us)
             if self.charge_to:
                 self._charge(-len(name) - 1)
-            del parent.children[path]
-        parent.listing = None
+            del children[path]
+            children.listing = None
         parent.generation = self.live.generation = self.live.generation + 1
         self.ops.append(("rm", path))
         return removed
