@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -68,6 +69,16 @@ def test_decode_stops_exactly_at_the_damage(bodies, data):
     assert [b for _, b in frames] == bodies[: len(frames)]
 
 
+def test_a_lone_value_record_is_its_own_frame_body():
+    """The usual batch, one WRITE's ``path NUL value``, goes to the journal
+    as it is; anything else is a msgpack array (which never starts with "/")."""
+    assert pack_changes([b"/a/b\0v\0w"]) == b"/a/b\0v\0w"
+    assert unpack_changes(b"/a/b\0v\0w") == [b"/a/b\0v\0w"]
+    two = pack_changes([b"/a\0v", ("rm", "/b")])
+    assert two[:1] == b"\x92" and unpack_changes(two) == [b"/a\0v", ("rm", "/b")]
+    assert pack_changes([("rm", "/b")])[:1] == b"\x91"
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(changes, max_size=10))
 def test_changes_round_trip(items):
@@ -83,6 +94,8 @@ def test_changes_round_trip(items):
         b"\x91\x91\xa3bad",
         b"\x91\xc4\x02/a",  # a value record without its NUL
         b"\x91\xc4\x04/\xe9\x00v",  # a value record whose path is not ASCII
+        b"/a",  # a lone value record without its NUL
+        b"/\xe9\x00v",  # a lone value record whose path is not ASCII
     ],
 )
 def test_unpack_rejects_garbage(garbage):
@@ -123,6 +136,21 @@ def test_torn_tail_drops_only_the_torn_record(tmp_path_factory, bs, data):
     sd.close()
     rec2 = StateDir(d).recover()
     assert rec2.problems == [] and rec2.batches[-1] == [("rm", "/z")] and len(rec2.batches) == n + 1
+
+
+def test_a_version_1_journal_is_read_and_upgraded_when_appended_to(tmp_path):
+    """Version 1 put every batch in a msgpack array, lone value records too."""
+    v1 = [[b"/tool\0x"], [("set", "/a", b"1", ["n0"]), ("rm", "/a")]]
+    journal = tmp_path / "journal.00000001"
+    journal.write_bytes(b"UXSJRNL1" + b"".join(encode_frame(msgpack.packb(b, use_bin_type=True)) for b in v1))
+    sd = StateDir(tmp_path)
+    assert sd.recover().batches == [[_as_read(c) for c in b] for b in v1]
+    sd.open_journal()
+    sd.append([b"/tool\0y"])
+    sd.close()
+    assert journal.read_bytes()[: len(JOURNAL_MAGIC)] == JOURNAL_MAGIC == b"UXSJRNL2"
+    rec = StateDir(tmp_path).recover()
+    assert rec.problems == [] and rec.batches == [[_as_read(c) for c in b] for b in v1] + [[b"/tool\0y"]]
 
 
 def test_corrupt_middle_record_is_set_aside_and_logged(tmp_path, caplog):

@@ -21,12 +21,18 @@ State directory layout::
 
 Every file starts with an 8-byte magic and then holds *frames*::
 
-    u32 length (little-endian) | u32 CRC-32 of the body | body (msgpack)
+    u32 length (little-endian) | u32 CRC-32 of the body | body
 
-A journal frame's body is a msgpack array of the change records (see
-``xenstore.core.store``) that one read batch of one connection committed:
-``("set", path, value, perms)``, ``("rm", path)``, or a bin ``path NUL
-value`` (a new value for an existing node).  The snapshot holds exactly
+A journal frame's body holds the change records (see ``xenstore.core.store``)
+that one read batch of one connection committed: ``("set", path, value,
+perms)``, ``("rm", path)``, or ``path NUL value`` (a new value for an
+existing node).  The body is a msgpack array of them -- except for a lone
+``path NUL value``, by far the most common batch (one WRITE), which is the
+body as it is: no encoding on the request path, and no msgpack code to
+bring into a cold cache.  The first byte tells them apart: a path starts
+with ``/``, which no msgpack array does.  (Version 1 journals, magic
+``UXSJRNL1``, had msgpack bodies only; they are read, and upgraded in place
+when appended to.)  The snapshot holds exactly
 one frame whose body is ``{"journal": N, "changes": [...]}``: load the
 changes, then replay every journal file numbered N or higher, in order.
 Because the number is written in the snapshot, a crash at any point of a
@@ -72,7 +78,9 @@ __all__ = [
 
 log = logging.getLogger("xenstored.journal")
 
-JOURNAL_MAGIC = b"UXSJRNL1"
+JOURNAL_MAGIC = b"UXSJRNL2"
+#: The journal format before lone value records went unencoded (readable).
+_JOURNAL_MAGIC_V1 = b"UXSJRNL1"
 SNAPSHOT_MAGIC = b"UXSSNAP1"
 FRAME = struct.Struct("<II")
 #: A frame body larger than this is treated as corruption, not allocated.
@@ -141,12 +149,23 @@ def decode_frames(data: bytes | memoryview, start: int = 0) -> tuple[list[tuple[
     return frames, pos, None
 
 
+#: msgpack.packb builds a packer per call: half the cost of a one-change
+#: frame.  (Not thread-safe: only the daemon's loop appends.)
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def pack_changes(changes: Sequence[Change]) -> bytes:
-    return msgpack.packb(changes, use_bin_type=True)
+    """A journal frame's body for ``changes`` (see the module doc)."""
+    record = changes[0] if len(changes) == 1 else None
+    if record.__class__ is bytes and record[:1] == b"/":
+        return record
+    return _pack(changes)
 
 
 def unpack_changes(body: bytes) -> list[Change]:
     """Inverse of :func:`pack_changes`; raises ``ValueError`` on garbage."""
+    if body[:1] == b"/":
+        return [_check_change(body)]
     try:
         obj = msgpack.unpackb(body, raw=False, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -224,9 +243,6 @@ class StateDir:
         self._compact_at = compact_bytes
         #: Frames appended so far (monotonic; group commit compares it).
         self.frames_written = 0
-        # One packer for every append, same format as pack_changes (msgpack.packb
-        # builds a new packer per call: half the cost of a one-change frame).
-        self._packer = msgpack.Packer(use_bin_type=True)
 
     # -- startup --------------------------------------------------------
 
@@ -301,7 +317,7 @@ class StateDir:
         with open(path, "rb") as f:
             data = f.read()
         magic = len(JOURNAL_MAGIC)
-        if not data.startswith(JOURNAL_MAGIC):
+        if not _is_journal(data):
             if JOURNAL_MAGIC.startswith(data):
                 problem, keep = None, 0  # crash between creating the file and writing its magic
             else:
@@ -347,6 +363,9 @@ class StateDir:
                 size = len(JOURNAL_MAGIC)
             else:
                 size = _data_end(fd, size)
+                if os.pread(fd, len(JOURNAL_MAGIC), 0) != JOURNAL_MAGIC:  # version 1: the new frames need the new magic
+                    os.pwrite(fd, JOURNAL_MAGIC, 0)
+                    os.fsync(fd)
             self._fd = fd
             self._journal_bytes = size
             self._map = None
@@ -385,7 +404,7 @@ class StateDir:
         crash of this process.  Raises :class:`JournalError` if the journal
         cannot grow (disk full).
         """
-        body = self._packer.pack(changes)
+        body = pack_changes(changes)
         start = self._journal_bytes
         end = start + 8 + len(body)
         if end > self._mapped:  # (always, while no journal is open)
@@ -510,12 +529,17 @@ def _data_end(fd: int, size: int) -> int:
     after them is free; anything else there is damage ``recover`` did not
     remove (appending after it would hide every later frame)."""
     data = os.pread(fd, size, 0)
-    if not data.startswith(JOURNAL_MAGIC):
+    if not _is_journal(data):
         raise JournalError("journal has no magic; recover() first")
     _, end, problem = decode_frames(data, len(JOURNAL_MAGIC))
     if problem is not None and data[end:].strip(b"\0"):
         raise JournalError(f"journal is damaged ({problem}); recover() first")
     return end
+
+
+def _is_journal(data: bytes) -> bool:
+    """``data`` starts with a journal magic this version reads."""
+    return data.startswith(JOURNAL_MAGIC) or data.startswith(_JOURNAL_MAGIC_V1)
 
 
 def _write_all(fd: int, data: bytes) -> None:
