@@ -51,9 +51,9 @@ class Children(dict):
     (the very strings that key the store's ``nodes``, so a child costs its
     parent a dict slot and no name of its own), plus ``listing``, the
     cached ``DIRECTORY`` payload (``None``: not built since the last
-    change).  Whoever adds or removes a child resets ``listing``.  (It
-    lives here, not in the node, because most nodes are leaves: a slot less
-    makes every node 16 bytes smaller.)"""
+    change: :meth:`Node.add_child` and :meth:`Node.remove_child` reset
+    it).  (It lives here, not in the node, because most nodes are leaves: a
+    slot less makes every node 16 bytes smaller.)"""
 
     __slots__ = ("listing",)
 
@@ -74,6 +74,21 @@ class Node:
         self.perms = perms
         self.children = children
         self.generation = generation
+
+    def add_child(self, path: str) -> None:
+        """List the child at ``path`` (in a live leaf, the first child swaps
+        a ``Children`` in for ``NO_CHILDREN``)."""
+        children = self.children
+        if children is NO_CHILDREN:
+            children = self.children = Children()
+        children[path] = None
+        children.listing = None
+
+    def remove_child(self, path: str) -> None:
+        """Unlist the child at ``path`` (which is listed)."""
+        children = self.children
+        del children[path]
+        children.listing = None
 
     def children_bytes(self) -> bytes:
         """The ``DIRECTORY`` payload: each name followed by a NUL (cached
@@ -157,18 +172,14 @@ class Store:
         node = self.nodes.get(path)
         counts = self.owner_counts
         if node is None:
-            cut = path.rfind("/")
-            parent = self.nodes[path[:cut] if cut else "/"]
-            children = parent.children
-            if children is NO_CHILDREN:
-                children = parent.children = Children()
-            children[path] = None
-            children.listing = None
+            parent_path, name = _split(path)
+            parent = self.nodes[parent_path]
+            parent.add_child(path)
             parent.generation = gen
             self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             counts[perms.owner] = counts.get(perms.owner, 0) + 1
             if perms.owner or parent.perms.owner:  # memory quota: dom0 is not tracked
-                self.memory.node_created(path, len(value), perms, parent.perms.owner, len(path) - cut)
+                self.memory.node_created(path, len(value), perms, parent.perms.owner, len(name) + 1)
             created = True
         else:
             old_owner = node.perms.owner
@@ -211,9 +222,7 @@ class Store:
                 memory.node_removed(p, n)
         parent_path, name = _split(path)
         parent = nodes[parent_path]
-        children = parent.children
-        del children[path]
-        children.listing = None
+        parent.remove_child(path)
         if parent.perms.owner:
             memory.add(parent.perms.owner, -len(name) - 1)
         parent.generation = self.generation = self.generation + 1
@@ -391,11 +400,7 @@ class Overlay:
             parent = self._own(parent_path, self.get(parent_path))
             if self.charge_to and path not in parent.children:  # memory quota: a longer child list
                 self._charge(len(name) + 1)
-            children = parent.children
-            if children is NO_CHILDREN:
-                children = parent.children = Children()
-            children[path] = None
-            children.listing = None
+            parent.add_child(path)
             parent.generation = gen
             self.nodes[path] = Node(value, perms, NO_CHILDREN, gen)
             delta[perms.owner] = delta.get(perms.owner, 0) + 1
@@ -426,12 +431,10 @@ class Overlay:
             delta[n.perms.owner] = delta.get(n.perms.owner, 0) - 1
             if self.charge_to:  # memory quota: the copy goes
                 self._charge(-node_memory(p, n) - self.tag)
-        children = parent.children
-        if path in children:  # (absent only if the live tree moved under us)
+        if path in parent.children:  # (absent only if the live tree moved under us)
             if self.charge_to:
                 self._charge(-len(name) - 1)
-            del children[path]
-            children.listing = None
+            parent.remove_child(path)
         parent.generation = self.live.generation = self.live.generation + 1
         self.ops.append(("rm", path))
         return removed
