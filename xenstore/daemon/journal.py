@@ -32,12 +32,14 @@ body as it is: no encoding on the request path, and no msgpack code to
 bring into a cold cache.  The first byte tells them apart: a path starts
 with ``/``, which no msgpack array does.  (Version 1 journals, magic
 ``UXSJRNL1``, had msgpack bodies only; they are read, and upgraded in place
-when appended to.)  The snapshot holds exactly
-one frame whose body is ``{"journal": N, "changes": [...]}``: load the
-changes, then replay every journal file numbered N or higher, in order.
-Because the number is written in the snapshot, a crash at any point of a
-compaction leaves a readable state: an old snapshot still names the older
-journals, and those are only deleted once the new snapshot is in place.
+when appended to.)
+
+The snapshot holds exactly one frame whose body is ``{"journal": N,
+"changes": [...]}``: load the changes, then replay every journal file
+numbered N or higher, in order.  Because the number is written in the
+snapshot, a crash at any point of a compaction leaves a readable state: an
+old snapshot still names the older journals, and those are only deleted
+once the new snapshot is in place.
 
 A zero length field ends the frames (the unused, zero-filled end of a
 journal; a body is never empty).  A frame that is cut short or fails its CRC (a crash in the middle of a
@@ -362,8 +364,8 @@ class StateDir:
                 self._fsync_dir()
                 size = len(JOURNAL_MAGIC)
             else:
-                size = _data_end(fd, size)
-                if os.pread(fd, len(JOURNAL_MAGIC), 0) != JOURNAL_MAGIC:  # version 1: the new frames need the new magic
+                size, magic = _data_end(fd, size)
+                if magic != JOURNAL_MAGIC:  # version 1: the new frames need the new magic
                     os.pwrite(fd, JOURNAL_MAGIC, 0)
                     os.fsync(fd)
             self._fd = fd
@@ -524,17 +526,18 @@ class StateDir:
             os.close(fd)
 
 
-def _data_end(fd: int, size: int) -> int:
-    """Where the frames of an existing journal end: its zero-filled room
-    after them is free; anything else there is damage ``recover`` did not
-    remove (appending after it would hide every later frame)."""
+def _data_end(fd: int, size: int) -> tuple[int, bytes]:
+    """Where the frames of an existing journal end, and its magic.  The
+    zero-filled room after the frames is free; anything else there is
+    damage ``recover`` did not remove (appending after it would hide every
+    later frame)."""
     data = os.pread(fd, size, 0)
     if not _is_journal(data):
         raise JournalError("journal has no magic; recover() first")
     _, end, problem = decode_frames(data, len(JOURNAL_MAGIC))
     if problem is not None and data[end:].strip(b"\0"):
         raise JournalError(f"journal is damaged ({problem}); recover() first")
-    return end
+    return end, data[: len(JOURNAL_MAGIC)]
 
 
 def _is_journal(data: bytes) -> bool:
